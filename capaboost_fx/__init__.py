@@ -1,0 +1,63 @@
+"""capaboost_fx: CapaBoost (masked shared low-rank adapters) as torch.fx compiler passes.
+
+    import capaboost_fx as cbx
+    spec = cbx.Spec(targets=["*.query", "*.value"], rank=8, num_masks=2, density=0.5)
+    train_model = cbx.transform(model, spec, example_inputs=(input_ids,))
+    ...train...
+    deploy_model = cbx.fold(train_model)   # original architecture, merged weights
+"""
+
+from __future__ import annotations
+
+from .adapter import CapaBoostAdapter
+from .api import InspectReport, inspect, transform
+from .errors import (
+    AdapterFileError,
+    AdapterFileNotFoundError,
+    AlreadyTransformedError,
+    CapaBoostError,
+    CaptureError,
+    ExportError,
+    FoldError,
+    InputError,
+    NotTransformedError,
+    SpecError,
+    SpecTypeError,
+    TargetError,
+    TargetNotFoundError,
+    VerificationError,
+)
+from .model import CapaBoostModel, FoldedModel
+from .passes.fold import adapters, delta_weights, fold, merged_state_dict
+from .spec import Spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Spec",
+    "transform",
+    "inspect",
+    "adapters",
+    "delta_weights",
+    "fold",
+    "merged_state_dict",
+    "CapaBoostModel",
+    "FoldedModel",
+    "CapaBoostAdapter",
+    "InspectReport",
+    "CapaBoostError",
+    "SpecError",
+    "SpecTypeError",
+    "TargetNotFoundError",
+    "TargetError",
+    "CaptureError",
+    "InputError",
+    "NotTransformedError",
+    "AlreadyTransformedError",
+    "FoldError",
+    "AdapterFileError",
+    "AdapterFileNotFoundError",
+    "ExportError",
+    "VerificationError",
+    "__version__",
+]

@@ -1,0 +1,98 @@
+"""The CapaBoost adapter: one shared low-rank pair (A, B) used through d static masks.
+
+    delta(x) = s · Σ_i (B ⊙ M^B_i) (A ⊙ M^A_i) drop(x)
+             = s · B_cat (A_cat drop(x))
+
+with ``A_cat = [A⊙M^A_1; …; A⊙M^A_d]`` (d·r × in) and ``B_cat = [B⊙M^B_1, …, B⊙M^B_d]``
+(out × d·r): one rank-d·r matmul pair, no loop over d. Autograd through the shared A and B
+sums the gradients of the d copies by itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import make_masks, stable_seed
+
+
+class CapaBoostAdapter(nn.Module):
+    """The trainable side of one adapted weight ``W0`` (out × in).
+
+    ``forward(x)`` returns only the update ``s · B_cat A_cat x``; the rewritten graph adds it
+    to the untouched base op's output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_masks: int,
+        density: float,
+        alpha: float,
+        dropout: float = 0.0,
+        mask: str = "random",
+        seed: int = 0,
+        name: str = "",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_masks, self.density = rank, num_masks, density
+        self.scaling = alpha / rank
+        self.name = name
+        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        # Kaiming-uniform A from a local generator (as loralib/PEFT, but reproducible); B = 0,
+        # so the adapted model equals the base model at step 0.
+        gen = torch.Generator().manual_seed(stable_seed(seed, name, "init"))
+        init = torch.empty(rank, in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=gen)
+        with torch.no_grad():
+            self.A.copy_(init)
+        self.register_buffer(
+            "mask_A", make_masks(mask, (rank, in_features), num_masks, density, seed, name, "A")
+            .to(device)
+        )
+        self.register_buffer(
+            "mask_B", make_masks(mask, (out_features, rank), num_masks, density, seed, name, "B")
+            .to(device)
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked."""
+        d, r = self.num_masks, self.rank
+        a_cat = (self.A * self.mask_A).reshape(d * r, self.in_features)
+        b_cat = (self.B * self.mask_B).permute(1, 0, 2).reshape(self.out_features, d * r)
+        return a_cat, b_cat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_cat, b_cat = self.factors()
+        h = self.dropout(x).to(a_cat.dtype)
+        return (F.linear(F.linear(h, a_cat), b_cat) * self.scaling).to(x.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW = s · B_cat A_cat (out × in) computed in `dtype`."""
+        a_cat, b_cat = self.factors()
+        return (b_cat.to(dtype) @ a_cat.to(dtype)) * self.scaling
+
+    def num_trainable(self) -> int:
+        """Entries of A and B (what the optimizer holds)."""
+        return self.A.numel() + self.B.numel()
+
+    def num_live(self) -> int:
+        """Entries of A and B kept by at least one mask (the rest never get gradient)."""
+        return int(self.mask_A.any(0).sum()) + int(self.mask_B.any(0).sum())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"d={self.num_masks}, density={self.density}, scaling={self.scaling:g}"
+        )

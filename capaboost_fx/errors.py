@@ -1,0 +1,78 @@
+"""Errors raised by capaboost_fx.
+
+Every error derives from :class:`CapaBoostError` and also from the builtin exception it
+stands for, so ``except ValueError`` keeps working for callers who do not know this library.
+Messages say what was wrong, where (field, target, node, file) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CapaBoostError(Exception):
+    """Base class of every error capaboost_fx raises on purpose."""
+
+
+class SpecError(CapaBoostError, ValueError):
+    """A `Spec` field holds a value outside what is allowed."""
+
+
+class SpecTypeError(CapaBoostError, TypeError):
+    """A `Spec` field holds a value of the wrong type."""
+
+
+class TargetNotFoundError(CapaBoostError, ValueError):
+    """A `targets`/`trainable` entry matched nothing, or `exclude` removed every target."""
+
+
+class TargetError(CapaBoostError, ValueError):
+    """A matched target cannot be adapted (rank too large, tied weight, mixed layouts...)."""
+
+
+class CaptureError(CapaBoostError, RuntimeError):
+    """`torch.export` could not capture the model with the given inputs."""
+
+
+class InputError(CapaBoostError, ValueError):
+    """Example inputs, or inputs at run time, do not fit what was captured."""
+
+
+class NotTransformedError(CapaBoostError, TypeError):
+    """A function that needs a `transform`-ed module got something else."""
+
+
+class AlreadyTransformedError(CapaBoostError, TypeError):
+    """`transform` was given a module that `transform` already returned."""
+
+
+class FoldError(CapaBoostError, ValueError):
+    """The fold cannot produce a faithful deploy module (e.g. NaN/Inf in a delta)."""
+
+
+class AdapterFileError(CapaBoostError, ValueError):
+    """An adapter file is damaged, of an unknown version, or does not fit the base model."""
+
+
+class AdapterFileNotFoundError(CapaBoostError, FileNotFoundError):
+    """An adapter file does not exist."""
+
+
+class ExportError(CapaBoostError, RuntimeError):
+    """ONNX export failed, or its output is not what was asked for."""
+
+
+class VerificationError(CapaBoostError, AssertionError):
+    """An exported model's outputs differ from PyTorch's beyond the tolerance."""
+
+
+def close_names(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates closest to `word` (for "did you mean" hints), best first."""
+    candidates = list(dict.fromkeys(candidates))
+    # Globs like "*.query" compare badly with full names; compare their literal parts too.
+    probe = word.replace("re:", "").replace("*", "").replace("?", "").strip(".")
+    scored = {c: max(difflib.SequenceMatcher(None, probe, c).ratio(),
+                     difflib.SequenceMatcher(None, probe, c.rsplit(".", 1)[-1]).ratio())
+              for c in candidates}
+    return sorted(scored, key=lambda c: -scored[c])[:n]

@@ -1,0 +1,259 @@
+"""Match: find the linear ops of a captured graph whose weight is a parameter.
+
+Patterns (ATen, as ``torch.export`` emits them), with the weight ``W`` a ``get_attr`` of a
+parameter, optionally through one transpose (``aten.t``, ``aten.transpose(0, 1)``,
+``aten.permute([1, 0])``):
+
+    aten.linear(x, W[, b])     W stored out × in   (nn.Linear, F.linear, MHA projections)
+    aten.addmm(b, x, W)        W stored in × out   (GPT-2 Conv1D)
+    aten.mm(x, W), aten.matmul(x, W)               W stored in × out; out × in through a transpose
+
+A *target* is one weight, however many ops use it: one weight, one adapter, one fold. Its name
+is the fully qualified name of the module owning it (``...attention.self.query``), or the
+parameter's own name when it is not called ``weight`` (``layers.0.self_attn.in_proj_weight``).
+Each rejected candidate carries the reason (match, check, replace).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..errors import TargetError, TargetNotFoundError, close_names
+from ..spec import Spec, pattern_matches
+from .capture import BASE
+
+aten = torch.ops.aten
+
+_LINEAR_OPS = {
+    aten.linear.default: "linear",
+    aten.addmm.default: "addmm",
+    aten.mm.default: "mm",
+    aten.matmul.default: "matmul",
+}
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+
+
+@dataclass
+class Site:
+    """One use of a weight by a linear op in one graph."""
+
+    node: fx.Node  # produces y = op(x, W, ...)
+    x: fx.Node  # the activation input
+    op: str
+    fqn: str  # parameter FQN inside the model (no ``base_model.`` prefix)
+    layout: str  # how W is stored: "out_in" (nn.Linear) or "in_out" (Conv1D)
+
+
+@dataclass
+class Candidate:
+    """A parameter used as the weight of linear ops, in one or more graphs."""
+
+    name: str
+    fqn: str
+    param: nn.Parameter
+    sites: dict[str, list[Site]] = field(default_factory=lambda: defaultdict(list))
+    reason: str | None = None  # why it cannot be adapted, None if it can
+    aliases: list[str] = field(default_factory=list)  # names of tied copies
+
+    @property
+    def layout(self) -> str:
+        return next(s.layout for ss in self.sites.values() for s in ss)
+
+    @property
+    def ops(self) -> list[str]:
+        return sorted({s.op for ss in self.sites.values() for s in ss})
+
+    @property
+    def in_features(self) -> int:
+        return self.param.shape[1] if self.layout == "out_in" else self.param.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.param.shape[0] if self.layout == "out_in" else self.param.shape[1]
+
+
+def target_name(fqn: str) -> str:
+    """``a.b.weight`` -> ``a.b``; any other parameter keeps its full name."""
+    owner, _, attr = fqn.rpartition(".")
+    return owner if attr == "weight" and owner else fqn
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _TRANSPOSES:
+        return False
+    if node.target is aten.transpose.int:
+        dims = {d % 2 for d in node.args[1:3]} if len(node.args) >= 3 else set()
+        return dims == {0, 1}
+    if node.target is aten.permute.default:
+        return list(node.args[1]) in ([1, 0], [-1, -2], [-1, 0], [1, -2])
+    return True
+
+
+def _weight_of(node: fx.Node, params: dict[str, nn.Parameter]) -> tuple[str, bool] | None:
+    """(fqn, transposed) when `node` is a parameter's get_attr, maybe through one transpose."""
+    transposed = False
+    if isinstance(node, fx.Node) and _is_transpose(node):
+        node, transposed = node.args[0], True
+    if isinstance(node, fx.Node) and node.op == "get_attr" and node.target.startswith(BASE + "."):
+        fqn = node.target[len(BASE) + 1 :]
+        if fqn in params:
+            return fqn, transposed
+    return None
+
+
+def _site(node: fx.Node, params: dict[str, nn.Parameter]) -> Site | None:
+    if node.op != "call_function" or node.target not in _LINEAR_OPS:
+        return None
+    op = _LINEAR_OPS[node.target]
+    if op == "linear":
+        x, w = node.args[0], node.args[1]
+        layout_plain, layout_t = "out_in", "in_out"
+    elif op == "addmm":
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        x, w = node.args[1], node.args[2]
+        layout_plain, layout_t = "in_out", "out_in"
+    else:
+        x, w = node.args[0], node.args[1]
+        layout_plain, layout_t = "in_out", "out_in"
+    found = _weight_of(w, params)
+    if found is None:
+        return None
+    fqn, transposed = found
+    if params[fqn].dim() != 2:
+        return None
+    return Site(node, x, op, fqn, layout_t if transposed else layout_plain)
+
+
+def _other_uses(graph: fx.Graph, fqn: str, site_nodes: set[fx.Node]) -> list[str]:
+    """Ops other than the matched linear sites that read the weight (tied embeddings...)."""
+    other = []
+    for node in graph.find_nodes(op="get_attr"):
+        if node.target != f"{BASE}.{fqn}":
+            continue
+        for user in node.users:
+            if user in site_nodes:
+                continue
+            if _is_transpose(user) and all(u in site_nodes for u in user.users):
+                continue
+            other.append(f"{user.target}" if user.op == "call_function" else user.op)
+    return other
+
+
+def find_candidates(
+    graphs: dict[str, fx.Graph], holder: nn.Module
+) -> dict[str, Candidate]:
+    """Every parameter used as a linear weight in any of `graphs`, by target name."""
+    params = dict(holder.named_parameters(remove_duplicate=False))
+    canonical = {}  # id(param) -> first fqn seen, so tied aliases share one candidate
+    by_id: dict[int, Candidate] = {}
+    for mode, graph in graphs.items():
+        for node in graph.nodes:
+            site = _site(node, params)
+            if site is None:
+                continue
+            param = params[site.fqn]
+            fqn = canonical.setdefault(id(param), site.fqn)
+            cand = by_id.setdefault(id(param), Candidate(target_name(fqn), fqn, param))
+            site.fqn = fqn
+            cand.sites[mode].append(site)
+
+    aliases = defaultdict(list)
+    for fqn, p in params.items():
+        aliases[id(p)].append(fqn)
+    for pid, cand in by_id.items():
+        cand.aliases = [target_name(a) for a in aliases[pid]]
+        if len({s.layout for ss in cand.sites.values() for s in ss}) > 1:
+            cand.reason = "used both as out×in and as in×out weight; cannot fold one delta"
+        elif not cand.param.is_floating_point():
+            cand.reason = f"weight dtype {cand.param.dtype} is not floating point"
+        else:
+            for mode, graph in graphs.items():
+                site_nodes = {s.node for s in cand.sites.get(mode, [])}
+                others = []
+                for alias in aliases[pid]:
+                    others += _other_uses(graph, alias, site_nodes)
+                if others:
+                    cand.reason = (
+                        f"weight is also read by {sorted(set(others))} (tied or shared with a "
+                        "non-linear op): a fold would change that use too; untie it or exclude it"
+                    )
+                    break
+        if cand.reason is None and set(cand.sites) != set(graphs):
+            missing = sorted(set(graphs) - set(cand.sites))
+            cand.reason = f"its linear op is missing from the {missing} graph(s)"
+    return {c.name: c for c in by_id.values()}
+
+
+
+@dataclass
+class Selection:
+    """The outcome of matching a spec against the candidates."""
+
+    targets: dict[str, Candidate]
+    skipped: dict[str, str]  # name -> reason
+    unmatched: list[str]  # spec.targets entries that matched no candidate
+
+
+def _names(c: Candidate) -> list[str]:
+    return list(dict.fromkeys([c.name, *c.aliases]))
+
+
+def select(candidates: dict[str, Candidate], spec: Spec) -> Selection:
+    """Apply ``targets`` / ``exclude`` to the candidates; nothing is raised here."""
+    targets, skipped = {}, {}
+    for name, c in candidates.items():
+        names = _names(c)
+        hit = [p for p in spec.targets if any(pattern_matches(p, n) for n in names)]
+        excl = [p for p in spec.exclude if any(pattern_matches(p, n) for n in names)]
+        if not hit:
+            skipped[name] = "not matched by targets"
+        elif excl:
+            skipped[name] = f"excluded by {excl[0]!r}"
+        elif c.reason:
+            skipped[name] = c.reason
+        elif spec.rank > min(c.in_features, c.out_features):
+            skipped[name] = (f"rank {spec.rank} exceeds min(in, out) = "
+                             f"{min(c.in_features, c.out_features)}")
+        else:
+            targets[name] = c
+    unmatched = [p for p in spec.targets
+                 if not any(pattern_matches(p, n) for c in candidates.values() for n in _names(c))]
+    return Selection(targets, skipped, unmatched)
+
+
+def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) -> None:
+    """Raise when the spec asks for something that cannot be done, saying what to change."""
+    all_names = [n for c in candidates.values() for n in _names(c)]
+    if selection.unmatched:
+        p = selection.unmatched[0]
+        raise TargetNotFoundError(
+            f"Spec.targets entry {p!r} matched no linear op. Closest target names: "
+            f"{close_names(p, all_names)}. Targets are named by the module owning the weight "
+            "(e.g. 'bert.encoder.layer.0.attention.self.query'); use globs ('*.query') or "
+            "'re:<regex>'; capaboost_fx.inspect(model, spec, ...) lists every candidate."
+        )
+    for p in spec.targets:  # a pattern whose every hit was rejected for a reason
+        hits = [n for n, c in candidates.items() if any(pattern_matches(p, a) for a in _names(c))]
+        if hits and not any(h in selection.targets for h in hits):
+            reasons = {h: selection.skipped[h] for h in hits[:3]}
+            kind = TargetNotFoundError if all(
+                r.startswith("excluded") for r in reasons.values()) else TargetError
+            raise kind(
+                f"Spec.targets entry {p!r} matched {len(hits)} linear op(s) but none can be "
+                f"adapted: {reasons}. Change targets/exclude (or rank) so that it keeps one."
+            )
+    exact = [p for p in spec.targets if not any(ch in p for ch in "*?[") and not p.startswith("re:")]
+    for p in exact:
+        if p in selection.skipped and p in candidates and not selection.skipped[p].startswith(
+                ("excluded", "not matched")):
+            raise TargetError(f"target {p!r} cannot be adapted: {selection.skipped[p]}.")
+    if not selection.targets:
+        raise TargetNotFoundError(
+            f"no target left: targets={spec.targets} matched {len(candidates)} candidates, "
+            f"exclude={spec.exclude} removed them all. Narrow exclude."
+        )

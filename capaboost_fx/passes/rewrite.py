@@ -1,0 +1,58 @@
+"""Rewrite: each matched linear op gets the CapaBoost update added to its output.
+
+    y = op(x, W0, b)                      (untouched: linear / addmm / mm / matmul)
+    y' = y + s · B_cat (A_cat drop(x))    (call_module to the target's CapaBoostAdapter)
+
+where ``B_cat A_cat = Σ_i (B ⊙ M^B_i)(A ⊙ M^A_i)``. Every use of a weight gets the same adapter
+(one weight, one adapter). Inserted nodes are tagged in ``node.meta["capaboost"]`` so the fold
+pass can find and remove exactly them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .match import Candidate
+
+ADAPTERS = "capaboost"  # ModuleDict of adapters on the training module
+META = "capaboost"
+
+
+def adapter_key(name: str) -> str:
+    """ModuleDict key of a target (keys may not contain dots)."""
+    return name.replace(".", "/")
+
+
+def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str) -> list[str]:
+    """Insert the adapter update after every site of `targets` in `graph`; returns, per site
+    rewritten, the target name (so callers can assert how many places changed)."""
+    changed = []
+    for name, cand in targets.items():
+        for site in cand.sites.get(mode, []):
+            y = site.node
+            with graph.inserting_after(y):
+                delta = graph.call_module(f"{ADAPTERS}.{adapter_key(name)}", (site.x,))
+            with graph.inserting_after(delta):
+                out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
+            y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+            delta.meta[META] = {"target": name, "role": "delta"}
+            out.meta[META] = {"target": name, "role": "add"}
+            changed.append(name)
+    graph.lint()
+    return changed
+
+
+def unrewrite(graph: fx.Graph) -> list[str]:
+    """Remove every node `rewrite` inserted (used by the fold); returns the targets removed."""
+    removed = []
+    for node in list(graph.nodes):
+        tag = node.meta.get(META)
+        if tag and tag["role"] == "add":
+            y, delta = node.args
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            graph.erase_node(delta)
+            removed.append(tag["target"])
+    graph.lint()
+    return removed

@@ -1,0 +1,189 @@
+"""`Spec`: the one config object that drives capture, rewrite and fold.
+
+A spec names which linear ops to adapt (``targets``/``exclude``: globs such as ``"*.query"``
+or regexes with a ``re:`` prefix, matched against target names) and how: LoRA rank ``r``,
+``num_masks`` (d) static random masks per factor with ``density``, scaling ``alpha / rank``.
+``num_masks=1, density=1.0`` is plain LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError, SpecTypeError
+
+MASK_KINDS = ("random",)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _pattern_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise SpecTypeError(
+            f"Spec.{name} must be a list of strings (globs like '*.query' or 're:<regex>'), "
+            f"got {value!r} of type {type(value).__name__}."
+        )
+    out = []
+    for v in value:
+        if not v:
+            raise SpecError(f"Spec.{name} contains an empty pattern; remove it.")
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise SpecError(f"Spec.{name} entry {v!r} is not a valid regex: {e}.") from None
+        out.append(v)
+    return out
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """True if `name` matches `pattern`: ``re:<regex>`` (full match) or a glob.
+
+    >>> pattern_matches("*.query", "bert.encoder.layer.0.attention.self.query")
+    True
+    >>> pattern_matches("re:.*layer\\.(0|1)\\..*value$", "encoder.layer.3.value")
+    False
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class Spec:
+    """What to adapt and how.
+
+    Example:
+        >>> spec = Spec(targets=["*.query", "*.value"], rank=8, num_masks=2, density=0.5)
+        >>> spec.scaling
+        2.0
+        >>> Spec.from_dict(spec.to_dict()) == spec
+        True
+    """
+
+    targets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Target names to adapt: globs ('*.query') or 're:<regex>'. Each entry "
+                          "must match at least one linear op."},
+    )
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Patterns removed from the matched targets (exclude wins)."},
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of the shared pair (A, B)."})
+    num_masks: int = field(
+        default=2, metadata={"help": "d: masked copies of (A, B) summed; rank(ΔW) <= d*r."}
+    )
+    density: float = field(
+        default=0.5, metadata={"help": "Fraction of entries each mask keeps, in (0, 1]."}
+    )
+    alpha: float = field(default=16.0, metadata={"help": "Scaling s = alpha / rank."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."}
+    )
+    mask: str = field(
+        default="random",
+        metadata={"help": "Mask kind. 'random': exactly floor(numel*density) entries kept per "
+                          "mask, chosen uniformly (as in the paper)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of masks and A's init (stable hash)."})
+    trainable: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Modules or parameters (names or patterns) that stay trainable besides "
+                          "the adapters, e.g. ['classifier']."},
+    )
+
+    def __post_init__(self) -> None:
+        self.targets = _pattern_list("targets", self.targets)
+        if not self.targets:
+            raise SpecError(
+                "Spec.targets is empty: name the linear ops to adapt, e.g. "
+                "targets=['*.query', '*.value']; capaboost_fx.inspect(model, ...) lists them."
+            )
+        self.exclude = _pattern_list("exclude", self.exclude)
+        self.trainable = _pattern_list("trainable", self.trainable)
+        for name in ("rank", "num_masks", "seed"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise SpecTypeError(f"Spec.{name} must be an int, got {v!r} ({type(v).__name__}).")
+        if self.rank < 1:
+            raise SpecError(f"Spec.rank must be >= 1, got {self.rank}.")
+        if self.num_masks < 1:
+            raise SpecError(
+                f"Spec.num_masks must be >= 1, got {self.num_masks} (1 with density=1.0 is "
+                "plain LoRA; the paper uses 2)."
+            )
+        if self.seed < 0:
+            raise SpecError(f"Spec.seed must be >= 0, got {self.seed}.")
+        for name in ("density", "alpha", "dropout"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v):
+                raise SpecTypeError(
+                    f"Spec.{name} must be a finite number, got {v!r} ({type(v).__name__})."
+                )
+            setattr(self, name, float(v))
+        if not 0.0 < self.density <= 1.0:
+            raise SpecError(
+                f"Spec.density must be in (0, 1], got {self.density} (the paper uses 0.5)."
+            )
+        if self.alpha <= 0.0:
+            raise SpecError(f"Spec.alpha must be > 0, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError(f"Spec.dropout must be in [0, 1), got {self.dropout}.")
+        if not isinstance(self.mask, str):
+            raise SpecTypeError(f"Spec.mask must be a string, got {self.mask!r}.")
+        if self.mask not in MASK_KINDS:
+            raise SpecError(f"Spec.mask {self.mask!r} is unknown; allowed: {list(MASK_KINDS)}.")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / rank."""
+        return self.alpha / self.rank
+
+    def selects(self, name: str) -> bool:
+        """True if `name` is matched by `targets` and not by `exclude`."""
+        return any(pattern_matches(p, name) for p in self.targets) and not any(
+            pattern_matches(p, name) for p in self.exclude
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; `Spec.from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Spec:
+        """Build a spec from `to_dict` output; unknown keys are an error (no silent typos)."""
+        if not isinstance(data, Mapping):
+            raise SpecTypeError(f"Spec.from_dict needs a mapping, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise SpecError(
+                f"Spec.from_dict got unknown key(s) {unknown}; allowed keys: {sorted(known)}."
+            )
+        return cls(**dict(data))
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        """Field name -> help text (for CLIs and docs)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def matching(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The names matched by any of the patterns, in the order of `names`."""
+    patterns = list(patterns)
+    return [n for n in names if any(pattern_matches(p, n) for p in patterns)]
