@@ -13,8 +13,13 @@ import torch
 from torch import nn
 
 from .adapter import CapaBoostAdapter
-from .errors import AlreadyTransformedError, InputError, SpecTypeError, TargetNotFoundError
-from .errors import close_names
+from .errors import (
+    AlreadyTransformedError,
+    InputError,
+    SpecTypeError,
+    TargetNotFoundError,
+    close_names,
+)
 from .masks import make_masks
 from .model import CapaBoostModel, FoldedModel
 from .passes.capture import (

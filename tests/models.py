@@ -157,7 +157,7 @@ CASES = [
     Case(
         "vit",
         _hf("ViTForImageClassification", "ViTConfig", image_size=16, patch_size=4,
-            num_channels=3, num_labels=3, **TINY),
+            num_channels=3, num_labels=3, hidden_dropout_prob=0.1, **TINY),
         lambda b, s: ((torch.randn(b, 3, 16, 16),), {}),
         cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=4, trainable=["classifier"]),
         example=(3, 3),
@@ -169,8 +169,9 @@ CASE_IDS = [c.name for c in CASES]
 
 
 def to_dtype(inputs: tuple[tuple, dict], dtype: torch.dtype) -> tuple[tuple, dict]:
-    conv = (lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-            else t)
+    def conv(t):
+        return (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t)
     args, kwargs = inputs
     return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
 

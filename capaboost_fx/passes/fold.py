@@ -104,7 +104,7 @@ def fold(train_model: CapaBoostModel) -> FoldedModel:
         merged_param = nn.Parameter(w, requires_grad=False)
         for module, attr in slots[id(new_base.get_parameter(fqn))]:  # tied aliases too
             setattr(module, attr, merged_param)
-    graph = copy.deepcopy(tm.graphs["eval"])
+    graph = tm.copy_graph("eval")
     unrewrite(graph)
     constants = {k: v.detach().clone() for k, v in getattr(tm, CONSTANTS).named_buffers()
                  if k.startswith("eval_")}

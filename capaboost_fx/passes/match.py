@@ -211,7 +211,8 @@ def select(candidates: dict[str, Candidate], spec: Spec) -> Selection:
         hit = [p for p in spec.targets if any(pattern_matches(p, n) for n in names)]
         excl = [p for p in spec.exclude if any(pattern_matches(p, n) for n in names)]
         if not hit:
-            skipped[name] = "not matched by targets"
+            skipped[name] = "not matched by targets" + (
+                f" (and could not be: {c.reason})" if c.reason else "")
         elif excl:
             skipped[name] = f"excluded by {excl[0]!r}"
         elif c.reason:

@@ -10,6 +10,8 @@ call time, ``.to()``, DDP, FSDP and ``load_state_dict`` act on one state, seen b
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import torch
@@ -79,6 +81,24 @@ class GraphProgram(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.recompile()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphProgram:
+        # Pytree specs are immutable: share them (copying them also warns in torch 2.13).
+        for spec in (self._in_spec, self._out_spec):
+            memo[id(spec)] = spec
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        with warnings.catch_warnings():  # torch 2.13 warns when a LeafSpec is rebuilt
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def copy_graph(self, mode: str) -> fx.Graph:
+        """A deep copy of one mode's graph (pytree specs shared)."""
+        memo = {id(self._in_spec): self._in_spec, id(self._out_spec): self._out_spec}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(self._graphs[mode], memo)
 
 def _describe_spec(spec: Any) -> str:
     text = str(spec).replace("\n", " ")
