@@ -75,3 +75,19 @@ def test_mode_is_inherited_from_the_model() -> None:
     spec = cbx.Spec(targets=["0"], rank=2)
     assert cbx.transform(m.train(), spec, (torch.randn(2, 4),)).training
     assert not cbx.transform(m.eval(), spec, (torch.randn(2, 4),)).training
+
+
+def test_adapter_dropout_follows_the_mode() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # no dropout of its own
+    tm = cbx.transform(model, cbx.Spec(targets=["0"], rank=4, dropout=0.5),
+                       example_inputs=(torch.randn(3, 8),))
+    with torch.no_grad():
+        cbx.adapters(tm)["0"].B.normal_()
+    x = torch.randn(5, 8)
+    tm.eval()
+    assert torch.equal(tm(x), tm(x))
+    tm.train()
+    assert not torch.equal(tm(x), tm(x))
+    tm.eval()
+    torch.testing.assert_close(cbx.fold(tm)(x), tm(x))  # no dropout in the fold
