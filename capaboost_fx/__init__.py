@@ -18,6 +18,7 @@ from .errors import (
     CapaBoostError,
     CaptureError,
     ExportError,
+    FileWriteError,
     FoldError,
     InputError,
     NotTransformedError,
@@ -27,6 +28,7 @@ from .errors import (
     TargetNotFoundError,
     VerificationError,
 )
+from .io import load_adapter, read_header, save_adapter
 from .model import CapaBoostModel, FoldedModel
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .spec import Spec
@@ -41,6 +43,9 @@ __all__ = [
     "delta_weights",
     "fold",
     "merged_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "read_header",
     "CapaBoostModel",
     "FoldedModel",
     "CapaBoostAdapter",
@@ -58,6 +63,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterFileNotFoundError",
     "ExportError",
+    "FileWriteError",
     "VerificationError",
     "__version__",
 ]

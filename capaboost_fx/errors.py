@@ -59,6 +59,10 @@ class AdapterFileNotFoundError(CapaBoostError, FileNotFoundError):
     """An adapter file does not exist."""
 
 
+class FileWriteError(CapaBoostError, OSError):
+    """A file could not be written (missing directory, no permission, disk full)."""
+
+
 class ExportError(CapaBoostError, RuntimeError):
     """ONNX export failed, or its output is not what was asked for."""
 

@@ -1,0 +1,228 @@
+"""Adapters on disk: safetensors tensors + a JSON header. Loading never unpickles.
+
+File layout (one ``.safetensors`` file):
+
+- ``adapter.<target>.A`` / ``adapter.<target>.B``: the shared factors;
+- ``adapter.<target>.mask_A`` / ``.mask_B``: the masks, bit-packed (uint8, ``numpy.packbits``),
+  so they are rebuilt exactly on any machine whatever its RNG;
+- ``trainable.<fqn>``: parameters of ``spec.trainable`` (e.g. a classifier head);
+- metadata ``capaboost_fx``: JSON with the format version, library version, spec, per-target
+  shapes and layout, and a fingerprint of the base model (target names and weight shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import (
+    AdapterFileError,
+    AdapterFileNotFoundError,
+    CapaBoostError,
+    FileWriteError,
+)
+from .passes.capture import BASE
+from .passes.fold import _require, adapters
+from .spec import Spec
+
+FORMAT = "capaboost_fx.adapter"
+FORMAT_VERSION = 1
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().astype(np.uint8).reshape(-1)))
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy().astype(np.uint8))[:n]
+    if bits.size != n:
+        raise AdapterFileError(f"a packed mask holds {bits.size} bits, {n} expected")
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def fingerprint(targets: Mapping[str, Any]) -> str:
+    """A short hash of target names, weight names and shapes: identifies a base architecture."""
+    text = json.dumps({n: [t["weight"], t["weight_shape"]] for n, t in sorted(targets.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` then rename onto `path`: a failure leaves `path` untouched."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileWriteError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not "
+                          "exist; create it first.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp",
+                                   dir=path.parent)
+    except OSError as e:
+        raise FileWriteError(f"cannot write to {str(path.parent)!r}: {e.strerror}.") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
+    """Write the adapters (and ``spec.trainable`` parameters) of a training module.
+
+    Example:
+        >>> cbx.save_adapter(train_model, "adapter.safetensors")     # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    tm = _require(train_model, "save_adapter()")
+    base = getattr(tm, BASE)
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, Any] = {}
+    for name, a in adapters(tm).items():
+        w = base.get_parameter(a.weight_fqn)
+        tensors[f"adapter.{name}.A"] = a.A.detach().cpu().contiguous()
+        tensors[f"adapter.{name}.B"] = a.B.detach().cpu().contiguous()
+        tensors[f"adapter.{name}.mask_A"] = _pack(a.mask_A)
+        tensors[f"adapter.{name}.mask_B"] = _pack(a.mask_B)
+        targets[name] = {"weight": a.weight_fqn, "weight_shape": list(w.shape),
+                         "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
+                         "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    for n in trainable:
+        tensors[f"trainable.{n}"] = base.get_parameter(n).detach().cpu().contiguous()
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": _version(),
+              "spec": tm.spec.to_dict(), "targets": targets, "trainable": trainable,
+              "fingerprint": fingerprint(targets)}
+    return atomic_write(path, lambda tmp: save_file(
+        tensors, tmp, metadata={"capaboost_fx": json.dumps(header)}))
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of an adapter file, validated (no tensors are read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileNotFoundError(f"adapter file {str(path)!r} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise AdapterFileError(
+            f"{str(path)!r} is not a readable safetensors adapter file (truncated or damaged?): "
+            f"{e}. Save it again with capaboost_fx.save_adapter."
+        ) from None
+    try:
+        header = json.loads(meta["capaboost_fx"])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError("wrong format tag")
+        version = header["format_version"]
+        if not isinstance(version, int):
+            raise ValueError("format_version is not an int")
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterFileError(
+            f"{str(path)!r} has no valid capaboost_fx header ({e}); it was not written by "
+            "capaboost_fx.save_adapter."
+        ) from None
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{str(path)!r} uses adapter format {version}, written by capaboost_fx "
+            f"{header.get('library', '?')}; this is {_version()} (format {FORMAT_VERSION}). "
+            "Upgrade capaboost-fx to load it."
+        )
+    for key, kind in (("spec", dict), ("targets", dict), ("trainable", list)):
+        if not isinstance(header.get(key), kind):
+            raise AdapterFileError(f"{str(path)!r}: header field {key!r} is missing or malformed.")
+    return header
+
+
+def load_adapter(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> Any:
+    """Rebuild the training module on a fresh copy of `model` from an adapter file.
+
+    Example:
+        >>> tm = cbx.load_adapter(model, "adapter.safetensors", example_inputs=(ids,))  # doctest: +SKIP
+    """
+    from safetensors import safe_open
+
+    from .api import transform
+
+    header = read_header(path)
+    try:
+        spec = Spec.from_dict(header["spec"])
+    except CapaBoostError as e:
+        raise AdapterFileError(f"{str(path)!r} holds an invalid spec: {e}") from None
+    tm = transform(model, spec, example_inputs, example_kwargs, dynamic_shapes)
+    base = getattr(tm, BASE)
+    saved = header["targets"]
+    ours = {}
+    for name, a in adapters(tm).items():
+        ours[name] = {"weight": a.weight_fqn,
+                      "weight_shape": list(base.get_parameter(a.weight_fqn).shape)}
+    if set(saved) != set(ours) or any(
+            [saved[n].get("weight"), saved[n].get("weight_shape")] !=
+            [ours[n]["weight"], ours[n]["weight_shape"]] for n in ours):
+        missing = sorted(set(saved) - set(ours))[:5]
+        extra = sorted(set(ours) - set(saved))[:5]
+        shapes = [f"{n}: file {saved[n].get('weight_shape')} vs model {ours[n]['weight_shape']}"
+                  for n in sorted(set(saved) & set(ours))
+                  if saved[n].get("weight_shape") != ours[n]["weight_shape"]][:5]
+        raise AdapterFileError(
+            f"{str(path)!r} was saved for another base model: targets only in the file "
+            f"{missing}, only in this model {extra}, weight shapes differing {shapes}. "
+            "Load it onto the model it was trained on."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f, torch.no_grad():
+            keys = set(f.keys())
+            for name, a in adapters(tm).items():
+                info = saved[name]
+                for attr in ("A", "B"):
+                    t = f.get_tensor(f"adapter.{name}.{attr}")
+                    getattr(a, attr).copy_(_checked(t, getattr(a, attr).shape, path, name))
+                for attr in ("mask_A", "mask_B"):
+                    mask = _unpack(f.get_tensor(f"adapter.{name}.{attr}"), info[attr])
+                    getattr(a, attr).copy_(_checked(mask, getattr(a, attr).shape, path, name))
+            for n in header["trainable"]:
+                if f"trainable.{n}" not in keys:
+                    raise AdapterFileError(f"{str(path)!r} lacks trainable tensor {n!r}")
+                p = base.get_parameter(n)
+                p.copy_(_checked(f.get_tensor(f"trainable.{n}"), p.shape, path, n))
+    except CapaBoostError:
+        raise
+    except Exception as e:
+        raise AdapterFileError(
+            f"{str(path)!r} is damaged: {type(e).__name__}: {e}. Save it again."
+        ) from None
+    return tm
+
+
+def _checked(t: torch.Tensor, shape: torch.Size, path: Any, name: str) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise AdapterFileError(
+            f"{str(path)!r}: tensor for {name!r} has shape {tuple(t.shape)}, expected "
+            f"{tuple(shape)}; the file is damaged or from another model."
+        )
+    return t
