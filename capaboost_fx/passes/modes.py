@@ -11,6 +11,8 @@ call time, ``.to()``, DDP, FSDP and ``load_state_dict`` act on one state, seen b
 from __future__ import annotations
 
 import copy
+import inspect
+import types
 import warnings
 from typing import Any
 
@@ -39,6 +41,14 @@ class GraphProgram(nn.Module):
             code[mode] = py.src
         object.__setattr__(self, "_fns", fns)
         object.__setattr__(self, "_code", code)
+
+        # Expose the captured call signature (input_ids, attention_mask, labels, ...) on
+        # `self.forward`, as tools such as the HF Trainer read it to route batch columns.
+        def forward(self: GraphProgram, *args: Any, **kwargs: Any) -> Any:
+            return GraphProgram.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(fns["eval"])  # type: ignore[attr-defined]
+        self.__dict__["forward"] = types.MethodType(forward, self)
 
     @property
     def graphs(self) -> dict[str, fx.Graph]:
@@ -76,6 +86,7 @@ class GraphProgram(nn.Module):
         state = dict(self.__dict__)
         state.pop("_fns", None)
         state.pop("_code", None)
+        state.pop("forward", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
