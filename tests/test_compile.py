@@ -23,7 +23,7 @@ def test_compile_fullgraph_trains_and_matches_eager(name: str) -> None:
     opt_e = torch.optim.SGD([p for p in eager.parameters() if p.requires_grad], lr=0.1)
     # Dropout draws differ between eager and compiled code: compare training in eval mode
     # numerics (no dropout), then check train mode runs.
-    for step, (b, s) in enumerate([(4, 9), (2, 5), (4, 9)]):
+    for b, s in [(4, 9), (2, 5), (4, 9)]:
         args, kwargs = case.inputs(b, s)
         for m, opt in ((compiled, opt_c), (eager, opt_e)):
             m.eval()
