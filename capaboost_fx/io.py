@@ -55,6 +55,11 @@ def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
+def _digest(t: torch.Tensor) -> str:
+    # safetensors has no checksum of its own: this catches flipped bytes in tensor data.
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def fingerprint(targets: Mapping[str, Any]) -> str:
     """A short hash of target names, weight names and shapes: identifies a base architecture."""
     text = json.dumps({n: [t["weight"], t["weight_shape"]] for n, t in sorted(targets.items())})
@@ -109,7 +114,8 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
         tensors[f"trainable.{n}"] = base.get_parameter(n).detach().cpu().contiguous()
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": _version(),
               "spec": tm.spec.to_dict(), "targets": targets, "trainable": trainable,
-              "fingerprint": fingerprint(targets)}
+              "fingerprint": fingerprint(targets),
+              "sha256": {k: _digest(t) for k, t in sorted(tensors.items())}}
     return atomic_write(path, lambda tmp: save_file(
         tensors, tmp, metadata={"capaboost_fx": json.dumps(header)}))
 
@@ -147,7 +153,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             f"{header.get('library', '?')}; this is {_version()} (format {FORMAT_VERSION}). "
             "Upgrade capaboost-fx to load it."
         )
-    for key, kind in (("spec", dict), ("targets", dict), ("trainable", list)):
+    for key, kind in (("spec", dict), ("targets", dict), ("trainable", list), ("sha256", dict)):
         if not isinstance(header.get(key), kind):
             raise AdapterFileError(f"{str(path)!r}: header field {key!r} is missing or malformed.")
     return header
@@ -195,8 +201,9 @@ def load_adapter(
             "Load it onto the model it was trained on."
         )
     try:
-        with safe_open(str(path), framework="pt") as f, torch.no_grad():
-            keys = set(f.keys())
+        with safe_open(str(path), framework="pt") as raw, torch.no_grad():
+            f = _Verified(raw, header["sha256"], path)
+            keys = set(raw.keys())
             for name, a in adapters(tm).items():
                 info = saved[name]
                 for attr in ("A", "B"):
@@ -217,6 +224,22 @@ def load_adapter(
             f"{str(path)!r} is damaged: {type(e).__name__}: {e}. Save it again."
         ) from None
     return tm
+
+
+class _Verified:
+    """Reads tensors from a safetensors handle and checks each against the header's sha256."""
+
+    def __init__(self, handle: Any, digests: Mapping[str, str], path: Any) -> None:
+        self.handle, self.digests, self.path = handle, digests, path
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        t = self.handle.get_tensor(key)
+        if self.digests.get(key) != _digest(t):
+            raise AdapterFileError(
+                f"{str(self.path)!r}: tensor {key!r} does not match its checksum; the file is "
+                "corrupted. Save it again from the training module."
+            )
+        return t
 
 
 def _checked(t: torch.Tensor, shape: torch.Size, path: Any, name: str) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""Errors for models that cannot be captured, and the error hierarchy itself."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import capaboost_fx as cbx
+import capaboost_fx.errors as errors
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a branch on tensor values: torch.export cannot trace it
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_uncapturable_model_says_what_and_what_to_try() -> None:
+    with pytest.raises(cbx.CaptureError) as info:
+        cbx.transform(DataDependent(), cbx.Spec(targets=["fc"], rank=2), (torch.randn(3, 4),))
+    msg = str(info.value)
+    assert "could not capture DataDependent in train mode" in msg
+    assert "branches on tensor values" in msg and "torch.cond" in msg
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_every_error_is_a_library_error_and_a_builtin() -> None:
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, errors.CapaBoostError) and c is not errors.CapaBoostError]
+    assert len(classes) >= 12
+    for c in classes:
+        builtins = [b for b in c.__mro__[1:] if b.__module__ == "builtins" and b is not object]
+        assert any(b is not Exception and b is not BaseException for b in builtins), c
+        assert c.__name__ in cbx.__all__, c
