@@ -29,6 +29,7 @@ from .errors import (
     VerificationError,
 )
 from .io import load_adapter, read_header, save_adapter
+from .masks import mask_kinds, register_mask
 from .model import CapaBoostModel, FoldedModel
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .spec import Spec
@@ -46,6 +47,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_header",
+    "register_mask",
+    "mask_kinds",
     "CapaBoostModel",
     "FoldedModel",
     "CapaBoostAdapter",

@@ -129,6 +129,7 @@ def _freeze(holder: nn.Module, trainable: list[str]) -> list[str]:
 
 
 def _make_adapter(name: str, c: Candidate, spec: Spec) -> CapaBoostAdapter:
+    spec = spec.for_target(name)
     w = c.param
     dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
     adapter = CapaBoostAdapter(
@@ -253,12 +254,14 @@ def inspect(
                "out_features": c.out_features, "layout": c.layout,
                "sites": sum(len(v) for v in c.sites.values()) // max(len(c.sites), 1)}
         if name in selection.targets:
-            shape_a, shape_b = (probe.rank, c.in_features), (c.out_features, probe.rank)
-            live = sum(int(make_masks(probe.mask, s, probe.num_masks, probe.density,
-                                      probe.seed, name, f).any(0).sum())
+            t = probe.for_target(name)
+            shape_a, shape_b = (t.rank, c.in_features), (c.out_features, t.rank)
+            live = sum(int(make_masks(t.mask, s, t.num_masks, t.density, t.seed, name,
+                                      f).any(0).sum())
                        for s, f in ((shape_a, "A"), (shape_b, "B")))
-            row.update(rank=probe.rank, num_masks=probe.num_masks, density=probe.density,
-                       trainable_params=probe.rank * (c.in_features + c.out_features),
+            row.update(rank=t.rank, num_masks=t.num_masks, density=t.density, mask=t.mask,
+                       alpha=t.alpha, dropout=t.dropout,
+                       trainable_params=t.rank * (c.in_features + c.out_features),
                        live_params=live)
             report.targets.append(row)
         else:

@@ -1,15 +1,36 @@
-"""Static random masks, reproducible in every process.
+"""Static masks, reproducible in every process, and the registry of mask kinds.
 
 Each mask comes from its own ``torch.Generator`` seeded by a stable hash of
 ``(spec.seed, target name, factor, copy)``: the same masks on every rank and machine,
 whatever order targets are visited in, with no communication and no global RNG.
+
+Kinds:
+
+- ``"random"`` (the paper's): exactly ``floor(numel · density)`` entries kept, chosen uniformly;
+- ``"bernoulli"``: each entry kept independently with probability ``density``;
+- ``"N:M"`` (e.g. ``"2:4"``): in every group of M consecutive entries along a factor's input
+  (reduction) dimension — the columns of A (r × in) and of B (out × r) — exactly N are kept,
+  the pattern sparse tensor cores accelerate. Its density is N/M;
+- any function registered with `register_mask`.
+
+A mask function has one signature::
+
+    fn(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.BoolTensor
+
+It draws ONE mask of `shape` using only `generator` (called once per copy and factor).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable
 
 import torch
+
+MaskFn = Callable[[tuple[int, int], float, torch.Generator], torch.Tensor]
+_REGISTRY: dict[str, MaskFn] = {}
+NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
 def stable_seed(*parts: object) -> int:
@@ -24,27 +45,89 @@ def kept_count(numel: int, density: float) -> int:
     return max(1, min(numel, int(numel * density + 1e-9)))
 
 
-def random_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
-    """A bool mask keeping exactly ``floor(numel * density)`` entries, chosen uniformly."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(numel, generator=gen)[: kept_count(numel, density)]
+def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
+    """Register a mask kind usable as ``Spec(mask=name)``.
+
+    Example:
+        >>> @register_mask("rows")
+        ... def rows(shape, density, generator):
+        ...     keep = torch.rand(shape[0], generator=generator) < density
+        ...     return keep[:, None].expand(shape).clone()
+    """
+    if not isinstance(name, str) or not name or NM_PATTERN.match(name):
+        raise ValueError(f"mask name must be a non-empty string other than 'N:M', got {name!r}")
+
+    def deco(fn: MaskFn) -> MaskFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def mask_kinds() -> list[str]:
+    """Registered kinds (``"N:M"`` patterns are accepted besides these)."""
+    return sorted(_REGISTRY)
+
+
+def is_known_kind(kind: str) -> bool:
+    m = NM_PATTERN.match(kind)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        return 0 < n <= mm
+    return kind in _REGISTRY
+
+
+def nm_density(kind: str) -> float | None:
+    """N/M for an ``"N:M"`` kind, None for other kinds."""
+    m = NM_PATTERN.match(kind)
+    return int(m.group(1)) / int(m.group(2)) if m else None
+
+
+@register_mask("random")
+def random_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    keep = torch.randperm(numel, generator=generator)[: kept_count(numel, density)]
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[keep] = True
     return mask.view(shape)
 
 
+@register_mask("bernoulli")
+def bernoulli_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator) < density
+
+
+def nm_mask(n: int, m: int, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Keep N of every M consecutive entries along dim 1 (the reduction dim of x @ W.T)."""
+    rows, cols = shape
+    if cols % m:
+        raise ValueError(f"an {n}:{m} mask needs the input dimension ({cols}) divisible by {m}")
+    scores = torch.rand(rows, cols // m, m, generator=generator)
+    keep = scores.argsort(dim=-1)[..., :n]
+    mask = torch.zeros(rows, cols // m, m, dtype=torch.bool)
+    mask.scatter_(-1, keep, True)
+    return mask.view(rows, cols)
+
+
 def make_masks(
-    kind: str, shape: tuple[int, ...], num_masks: int, density: float, seed: int, name: str,
+    kind: str, shape: tuple[int, int], num_masks: int, density: float, seed: int, name: str,
     factor: str,
 ) -> torch.Tensor:
-    """The ``num_masks`` masks of one factor (``"A"`` or ``"B"``), stacked: d x *shape, bool."""
-    if kind != "random":  # Spec validation keeps other kinds out; this guards direct callers.
-        raise ValueError(f"unknown mask kind {kind!r}")
-    if density >= 1.0:
+    """The ``num_masks`` masks of one factor (``"A"`` or ``"B"``), stacked: d × *shape, bool."""
+    nm = NM_PATTERN.match(kind)
+    if nm is None and kind not in _REGISTRY:
+        raise ValueError(f"unknown mask kind {kind!r}; known: {mask_kinds()} or 'N:M'")
+    if nm is None and kind != "bernoulli" and density >= 1.0:
         return torch.ones((num_masks, *shape), dtype=torch.bool)
-    return torch.stack(
-        [random_mask(shape, density, stable_seed(seed, name, factor, i)) for i in range(num_masks)]
-    )
+    masks = []
+    for i in range(num_masks):
+        gen = torch.Generator().manual_seed(stable_seed(seed, name, factor, i))
+        if nm:
+            mask = nm_mask(int(nm.group(1)), int(nm.group(2)), shape, gen)
+        else:
+            mask = _REGISTRY[kind](shape, density, gen)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"mask function {kind!r} returned {type(mask).__name__} "
+                             f"{getattr(mask, 'shape', '')}, expected a bool tensor of {shape}")
+        masks.append(mask.to(torch.bool))
+    return torch.stack(masks)

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError, SpecTypeError
+from .masks import is_known_kind, mask_kinds, nm_density
 
-MASK_KINDS = ("random",)
+#: Fields that `Spec.overrides` may set per target.
+OVERRIDABLE = ("rank", "num_masks", "density", "alpha", "mask", "dropout")
 
 
 def _is_int(v: Any) -> bool:
@@ -98,13 +100,21 @@ class Spec:
     mask: str = field(
         default="random",
         metadata={"help": "Mask kind. 'random': exactly floor(numel*density) entries kept per "
-                          "mask, chosen uniformly (as in the paper)."},
+                          "mask, chosen uniformly (as in the paper); 'bernoulli'; 'N:M' such as "
+                          "'2:4' (density must be N/M); or a kind added with register_mask."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of masks and A's init (stable hash)."})
     trainable: list[str] = field(
         default_factory=list,
         metadata={"help": "Modules or parameters (names or patterns) that stay trainable besides "
                           "the adapters, e.g. ['classifier']."},
+    )
+    overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Per-target settings: {pattern: {field: value}} for rank, num_masks, "
+                          "density, alpha, mask, dropout. Every pattern that matches a target "
+                          "applies, in order: a later entry overrides an earlier one, so list "
+                          "general patterns first and specific ones last."},
     )
 
     def __post_init__(self) -> None:
@@ -146,8 +156,44 @@ class Spec:
             raise SpecError(f"Spec.dropout must be in [0, 1), got {self.dropout}.")
         if not isinstance(self.mask, str):
             raise SpecTypeError(f"Spec.mask must be a string, got {self.mask!r}.")
-        if self.mask not in MASK_KINDS:
-            raise SpecError(f"Spec.mask {self.mask!r} is unknown; allowed: {list(MASK_KINDS)}.")
+        if not is_known_kind(self.mask):
+            raise SpecError(
+                f"Spec.mask {self.mask!r} is unknown; allowed: {mask_kinds()} or 'N:M' with "
+                "0 < N <= M (e.g. '2:4'), or register one with capaboost_fx.register_mask."
+            )
+        nm = nm_density(self.mask)
+        if nm is not None and abs(nm - self.density) > 1e-9:
+            raise SpecError(
+                f"Spec.mask {self.mask!r} keeps {nm:g} of the entries, but Spec.density is "
+                f"{self.density:g}; set density={nm:g}."
+            )
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if not isinstance(self.overrides, Mapping):
+            raise SpecTypeError(
+                f"Spec.overrides must be a dict {{pattern: {{field: value}}}}, got "
+                f"{type(self.overrides).__name__}."
+            )
+        self.overrides = dict(self.overrides)
+        for pattern, values in self.overrides.items():
+            _pattern_list("overrides", [pattern])
+            if not isinstance(values, Mapping):
+                raise SpecTypeError(
+                    f"Spec.overrides[{pattern!r}] must be a dict of field values, got "
+                    f"{type(values).__name__}."
+                )
+            bad = sorted(str(k) for k in values if k not in OVERRIDABLE)
+            if bad:
+                raise SpecError(
+                    f"Spec.overrides[{pattern!r}] sets {bad}; only {list(OVERRIDABLE)} can vary "
+                    "per target."
+                )
+            self.overrides[pattern] = dict(values)
+            try:  # validate the values as they would be resolved on their own
+                dataclasses.replace(self, overrides={}, **values)
+            except (SpecError, SpecTypeError) as e:
+                raise type(e)(f"Spec.overrides[{pattern!r}]: {e}") from None
 
     @property
     def scaling(self) -> float:
@@ -159,6 +205,15 @@ class Spec:
         return any(pattern_matches(p, name) for p in self.targets) and not any(
             pattern_matches(p, name) for p in self.exclude
         )
+
+    def for_target(self, name: str) -> Spec:
+        """The settings that apply to target `name`: this spec with every matching override
+        applied in order (later entries win)."""
+        values: dict[str, Any] = {}
+        for pattern, override in self.overrides.items():
+            if pattern_matches(pattern, name):
+                values.update(override)
+        return dataclasses.replace(self, overrides={}, **values) if values else self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; `Spec.from_dict` inverts it."""

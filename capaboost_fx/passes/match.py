@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TargetError, TargetNotFoundError, close_names
+from ..masks import NM_PATTERN
 from ..spec import Spec, pattern_matches
 from .capture import BASE
 
@@ -217,9 +218,8 @@ def select(candidates: dict[str, Candidate], spec: Spec) -> Selection:
             skipped[name] = f"excluded by {excl[0]!r}"
         elif c.reason:
             skipped[name] = c.reason
-        elif spec.rank > min(c.in_features, c.out_features):
-            skipped[name] = (f"rank {spec.rank} exceeds min(in, out) = "
-                             f"{min(c.in_features, c.out_features)}")
+        elif (why := _settings_problem(spec.for_target(name), c)) is not None:
+            skipped[name] = why
         else:
             targets[name] = c
     unmatched = [p for p in spec.targets
@@ -227,9 +227,26 @@ def select(candidates: dict[str, Candidate], spec: Spec) -> Selection:
     return Selection(targets, skipped, unmatched)
 
 
+def _settings_problem(spec: Spec, c: Candidate) -> str | None:
+    if spec.rank > min(c.in_features, c.out_features):
+        return f"rank {spec.rank} exceeds min(in, out) = {min(c.in_features, c.out_features)}"
+    nm = NM_PATTERN.match(spec.mask)
+    if nm and (c.in_features % int(nm.group(2)) or spec.rank % int(nm.group(2))):
+        return (f"mask {spec.mask!r} groups entries along each factor's input dimension: "
+                f"in_features ({c.in_features}) and rank ({spec.rank}) must both be divisible "
+                f"by {nm.group(2)}")
+    return None
+
+
 def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) -> None:
     """Raise when the spec asks for something that cannot be done, saying what to change."""
     all_names = [n for c in candidates.values() for n in _names(c)]
+    if not candidates:
+        raise TargetNotFoundError(
+            "the captured graph has no linear op whose weight is a parameter of the model "
+            "(nn.Linear, F.linear, Conv1D/addmm, x @ W), so nothing can be adapted. If the "
+            "model computes its weights at run time, CapaBoost cannot target them."
+        )
     if selection.unmatched:
         p = selection.unmatched[0]
         raise TargetNotFoundError(
@@ -248,7 +265,8 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) ->
                 f"Spec.targets entry {p!r} matched {len(hits)} linear op(s) but none can be "
                 f"adapted: {reasons}. Change targets/exclude (or rank) so that it keeps one."
             )
-    exact = [p for p in spec.targets if not any(ch in p for ch in "*?[") and not p.startswith("re:")]
+    exact = [p for p in spec.targets
+             if not any(ch in p for ch in "*?[") and not p.startswith("re:")]
     for p in exact:
         if p in selection.skipped and p in candidates and not selection.skipped[p].startswith(
                 ("excluded", "not matched")):
