@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from .adapter import CapaBoostAdapter
+from .analysis import rank_report, report
 from .api import InspectReport, inspect, transform
 from .errors import (
     AdapterFileError,
@@ -32,6 +33,7 @@ from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
 from .model import CapaBoostModel, FoldedModel
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
+from .peft_export import to_peft_lora
 from .spec import Spec
 
 __version__ = "0.1.0"
@@ -48,6 +50,9 @@ __all__ = [
     "load_adapter",
     "read_header",
     "register_mask",
+    "rank_report",
+    "report",
+    "to_peft_lora",
     "mask_kinds",
     "CapaBoostModel",
     "FoldedModel",

@@ -1,0 +1,99 @@
+"""Exact export of a CapaBoost adapter as a plain PEFT LoRA adapter of rank d·r.
+
+    ΔW = s · Σ_i (B ⊙ M^B_i)(A ⊙ M^A_i) = s · B_cat A_cat
+
+so a LoRA adapter with ``lora_A = A_cat`` (d·r × in), ``lora_B = B_cat`` (out × d·r) and
+``lora_alpha = s · d·r`` (PEFT scales by lora_alpha / r) is the same update with no
+approximation: PEFT, vLLM and other LoRA runtimes load it as it is. Per-target ranks go to
+``rank_pattern`` / ``alpha_pattern``; ``spec.trainable`` modules go to ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TargetError
+from .io import atomic_write
+from .passes.capture import BASE
+from .passes.fold import _require, adapters
+
+
+def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory `path`.
+
+    Example:
+        >>> cbx.to_peft_lora(train_model, "peft_adapter")                 # doctest: +SKIP
+        >>> PeftModel.from_pretrained(base_model, "peft_adapter")        # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    tm = _require(train_model, "to_peft_lora()")
+    base = getattr(tm, BASE)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    layouts = set()
+    for name, a in adapters(tm).items():
+        if not a.weight_fqn.endswith(".weight") or a.weight_fqn != f"{name}.weight":
+            raise TargetError(
+                f"target {name!r} is the parameter {a.weight_fqn!r}, not a module's 'weight': "
+                "PEFT LoRA can only target modules. Exclude it, or use save_adapter / fold."
+            )
+        a_cat, b_cat = (t.detach().float().cpu().contiguous() for t in a.factors())
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b_cat
+        r = a_cat.shape[0]
+        ranks[name], alphas[name] = r, a.scaling * r
+        layouts.add(a.layout)
+    if len(layouts) > 1:
+        raise TargetError(
+            "targets mix nn.Linear (out×in) and Conv1D (in×out) weights; a PEFT config has one "
+            "fan_in_fan_out flag. Export them in two adapters (two specs)."
+        )
+    modules_to_save = []
+    module_names = {n for n, _ in base.named_modules()}
+    for n, p in base.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = n.rpartition(".")[0]
+        if owner not in module_names or not owner:
+            raise TargetError(f"trainable parameter {n!r} has no owning module for PEFT.")
+        top = next((m for m in tm.spec.trainable if owner == m or owner.startswith(m + ".")),
+                   owner)
+        if top not in modules_to_save:
+            modules_to_save.append(top)
+        tensors[f"base_model.model.{n}"] = p.detach().cpu().contiguous()
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": tm.spec.dropout,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "fan_in_fan_out": layouts == {"in_out"},
+        "bias": "none",
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    return out
