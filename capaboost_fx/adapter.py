@@ -6,6 +6,13 @@
 with ``A_cat = [A⊙M^A_1; …; A⊙M^A_d]`` (d·r × in) and ``B_cat = [B⊙M^B_1, …, B⊙M^B_d]``
 (out × d·r): one rank-d·r matmul pair, no loop over d. Autograd through the shared A and B
 sums the gradients of the d copies by itself.
+
+Parallel adapters (``Spec(method="padapter")``) put an elementwise activation between the
+factors (A is the down projection, B the up projection); since it acts entrywise,
+
+    Σ_i up_i(act(down_i x)) = B_cat act(A_cat x)
+
+is still one width-d·r adapter. With ``activation="identity"`` it folds into W0 like LoRA.
 """
 
 from __future__ import annotations
@@ -17,6 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import make_masks, stable_seed
+
+ACTIVATIONS = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
 
 
 class CapaBoostAdapter(nn.Module):
@@ -40,8 +55,11 @@ class CapaBoostAdapter(nn.Module):
         name: str = "",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        activation: str = "identity",
     ) -> None:
         super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]()
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.num_masks, self.density = rank, num_masks, density
         self.scaling = alpha / rank
@@ -75,11 +93,19 @@ class CapaBoostAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_cat, b_cat = self.factors()
         h = self.dropout(x).to(a_cat.dtype)
-        return (F.linear(F.linear(h, a_cat), b_cat) * self.scaling).to(x.dtype)
+        return (F.linear(self.act(F.linear(h, a_cat)), b_cat) * self.scaling).to(x.dtype)
+
+    @property
+    def linear(self) -> bool:
+        """True when the update is linear in x, so it folds into W0."""
+        return self.activation == "identity"
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW = s · B_cat A_cat (out × in) computed in `dtype`."""
+        """ΔW = s · B_cat A_cat (out × in) computed in `dtype` (linear adapters only)."""
+        if not self.linear:
+            raise ValueError(f"adapter {self.name!r} has a {self.activation} activation: its "
+                             "update is not a weight delta")
         a_cat, b_cat = self.factors()
         return (b_cat.to(dtype) @ a_cat.to(dtype)) * self.scaling
 
@@ -95,4 +121,22 @@ class CapaBoostAdapter(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
             f"d={self.num_masks}, density={self.density}, scaling={self.scaling:g}"
+            + (f", activation={self.activation}" if not self.linear else "")
         )
+
+
+class DenseAdapter(nn.Module):
+    """A folded parallel adapter: ``s · up(act(down x))`` with dense down (d·r × in) and up
+    (out × d·r), what a nonlinear CapaBoost parallel adapter folds to (no masks, no loop)."""
+
+    def __init__(self, adapter: CapaBoostAdapter) -> None:
+        super().__init__()
+        a_cat, b_cat = adapter.factors()
+        self.down = nn.Parameter(a_cat.detach().clone(), requires_grad=False)
+        self.up = nn.Parameter(b_cat.detach().clone(), requires_grad=False)
+        self.act = ACTIVATIONS[adapter.activation]()
+        self.scaling = adapter.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.down.dtype)
+        return (F.linear(self.act(F.linear(h, self.down)), self.up) * self.scaling).to(x.dtype)

@@ -22,6 +22,8 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
     """
     out = {}
     for name, a in adapters(train_model).items():
+        if not a.linear:  # a nonlinear parallel adapter has no ΔW
+            continue
         dw = a.delta_weight(torch.float64).cpu()
         sv = torch.linalg.svdvals(dw)
         tol = (sv.max() if sv.numel() else torch.tensor(0.0)) * max(dw.shape) * torch.finfo(

@@ -135,7 +135,7 @@ def _make_adapter(name: str, c: Candidate, spec: Spec) -> CapaBoostAdapter:
     adapter = CapaBoostAdapter(
         c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
         dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, dtype=dtype,
-        device=w.device,
+        device=w.device, activation=spec.activation,
     )
     adapter.weight_fqn = c.fqn
     adapter.layout = c.layout

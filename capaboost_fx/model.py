@@ -10,7 +10,7 @@ from torch import fx, nn
 from .adapter import CapaBoostAdapter
 from .passes.capture import BASE, CONSTANTS
 from .passes.modes import GraphProgram
-from .passes.rewrite import ADAPTERS
+from .passes.rewrite import ADAPTERS, DENSE
 from .spec import Spec
 
 
@@ -56,7 +56,9 @@ class FoldedModel(GraphProgram):
     """The deploy module `fold` returns: the captured eval graph of your model with merged
     weights and nothing else. ``base_model`` is an eager copy of your model holding the merged
     weights (``deploy.base_model.save_pretrained(...)`` works for Hugging Face models).
-    It is inference-only: it always runs the eval graph."""
+    It is inference-only: it always runs the eval graph. Nonlinear parallel adapters
+    (``method="padapter"``) cannot merge into a weight: they stay as one dense width-d·r
+    adapter each, in ``capaboost_dense``."""
 
     def __init__(
         self,
@@ -65,10 +67,13 @@ class FoldedModel(GraphProgram):
         constants: dict[str, torch.Tensor],
         in_spec: Any,
         out_spec: Any,
+        dense: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         setattr(self, BASE, base_model)
         setattr(self, CONSTANTS, _constants_module(constants))
+        if dense:
+            setattr(self, DENSE, nn.ModuleDict(dense))
         self._install({"eval": graph}, in_spec, out_spec)
         self.eval()
 

@@ -40,6 +40,9 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     layouts = set()
     for name, a in adapters(tm).items():
+        if not a.linear:
+            raise TargetError(f"target {name!r} is a nonlinear parallel adapter; LoRA runtimes "
+                              "cannot run it. Use fold() or save_adapter.")
         if not a.weight_fqn.endswith(".weight") or a.weight_fqn != f"{name}.weight":
             raise TargetError(
                 f"target {name!r} is the parameter {a.weight_fqn!r}, not a module's 'weight': "

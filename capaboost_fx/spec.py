@@ -19,6 +19,9 @@ from typing import Any
 from .errors import SpecError, SpecTypeError
 from .masks import is_known_kind, mask_kinds, nm_density
 
+METHODS = ("lora", "padapter")
+ACTIVATIONS = ("identity", "relu", "gelu", "tanh", "silu")
+
 #: Fields that `Spec.overrides` may set per target.
 OVERRIDABLE = ("rank", "num_masks", "density", "alpha", "mask", "dropout")
 
@@ -109,6 +112,17 @@ class Spec:
         metadata={"help": "Modules or parameters (names or patterns) that stay trainable besides "
                           "the adapters, e.g. ['classifier']."},
     )
+    method: str = field(
+        default="lora",
+        metadata={"help": "'lora': ΔW = s·B_cat A_cat beside each target op; 'padapter': a "
+                          "parallel adapter s·up(act(down x)) with CapaBoost-masked down/up."},
+    )
+    activation: str = field(
+        default="identity",
+        metadata={"help": "Activation between the factors: 'identity' (LoRA; folds into W0), "
+                          "or for method='padapter' also 'relu', 'gelu', 'tanh', 'silu' (folds "
+                          "into one dense width-d·r adapter)."},
+    )
     overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "Per-target settings: {pattern: {field: value}} for rank, num_masks, "
@@ -166,6 +180,16 @@ class Spec:
             raise SpecError(
                 f"Spec.mask {self.mask!r} keeps {nm:g} of the entries, but Spec.density is "
                 f"{self.density:g}; set density={nm:g}."
+            )
+        if self.method not in METHODS:
+            raise SpecError(f"Spec.method {self.method!r} is unknown; allowed: {list(METHODS)}.")
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(
+                f"Spec.activation {self.activation!r} is unknown; allowed: {sorted(ACTIVATIONS)}."
+            )
+        if self.method == "lora" and self.activation != "identity":
+            raise SpecError(
+                f"Spec.activation={self.activation!r} needs method='padapter'; LoRA has none."
             )
         self._check_overrides()
 

@@ -111,3 +111,57 @@ def test_override_validation() -> None:
         cbx.Spec(targets=["*"], overrides={"x": 3})
     spec = cbx.Spec(targets=["*"], overrides={"x": {"rank": 4}})
     assert cbx.Spec.from_dict(spec.to_dict()) == spec
+
+
+class PAdapterRef(nn.Module):
+    """A parallel adapter written as d separate masked copies, independently of the library."""
+
+    def __init__(self, base: nn.Linear, a, act) -> None:
+        super().__init__()
+        self.base, self.a, self.act = base, a, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a
+        out = self.base(x)
+        for i in range(a.num_masks):
+            down, up = a.A * a.mask_A[i], a.B * a.mask_B[i]
+            out = out + a.scaling * self.act(x @ down.T) @ up.T
+        return out
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+def test_parallel_adapter_matches_d_copies_and_folds(activation: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5)).double().eval()
+    spec = cbx.Spec(targets=["0", "2"], rank=3, num_masks=3, density=0.5, method="padapter",
+                    activation=activation)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    tm = cbx.transform(model, spec, (x,)).eval()
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.A.normal_()
+            a.B.normal_()
+    act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "identity": nn.Identity()}[activation]
+    ref = nn.Sequential(PAdapterRef(model[0], cbx.adapters(tm)["0"], act), nn.Tanh(),
+                        PAdapterRef(model[2], cbx.adapters(tm)["2"], act))
+    x2 = torch.randn(6, 12, dtype=torch.float64)
+    torch.testing.assert_close(tm(x2), ref(x2), rtol=1e-10, atol=1e-10)
+    deploy = cbx.fold(tm)
+    torch.testing.assert_close(deploy(x2), tm(x2), rtol=1e-10, atol=1e-10)
+    dense = [m for m in deploy.modules() if type(m).__name__ == "DenseAdapter"]
+    if activation == "identity":  # folds into W0: nothing extra remains
+        assert not dense and set(cbx.delta_weights(tm)) == {"0", "2"}
+        cbx.merged_state_dict(tm)
+    else:  # one dense width-d·r adapter per target, no masks
+        assert len(dense) == 2 and dense[0].down.shape == (9, 12)
+        assert not any("mask" in n for n, _ in deploy.named_buffers())
+        assert cbx.delta_weights(tm) == {}
+        with pytest.raises(cbx.FoldError, match="nonlinear"):
+            cbx.merged_state_dict(tm)
+
+
+def test_activation_needs_padapter() -> None:
+    with pytest.raises(cbx.SpecError, match="padapter"):
+        cbx.Spec(targets=["0"], activation="relu")
+    with pytest.raises(cbx.SpecError, match="method"):
+        cbx.Spec(targets=["0"], method="ia3")

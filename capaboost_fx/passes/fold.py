@@ -14,11 +14,11 @@ import copy
 import torch
 from torch import nn
 
-from ..adapter import CapaBoostAdapter
+from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError, NotTransformedError
 from ..model import CapaBoostModel, FoldedModel
 from .capture import BASE, CONSTANTS
-from .rewrite import unrewrite
+from .rewrite import adapter_key, unrewrite
 
 
 def _require(train_model: object, what: str) -> CapaBoostModel:
@@ -43,9 +43,10 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def delta_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
-    """``{target name: ΔW}`` in float32 (float64 for float64 weights), out × in layout."""
+    """``{target name: ΔW}`` in float32 (float64 for float64 weights), out × in layout.
+    Nonlinear parallel adapters have no ΔW and are left out."""
     return {name: a.delta_weight(torch.promote_types(a.A.dtype, torch.float32))
-            for name, a in adapters(train_model).items()}
+            for name, a in adapters(train_model).items() if a.linear}
 
 
 @torch.no_grad()
@@ -55,6 +56,8 @@ def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     base = getattr(tm, BASE)
     out = {}
     for name, a in adapters(tm).items():
+        if not a.linear:
+            continue
         w0 = base.get_parameter(a.weight_fqn)
         ct = _compute_dtype(w0)
         delta = a.delta_weight(ct)
@@ -75,6 +78,12 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     """Your model's ``state_dict`` keys with merged weights: ``model.load_state_dict(...)``
     gives an eager model equal to the folded one (e.g. to ``save_pretrained``)."""
     tm = _require(train_model, "merged_state_dict()")
+    nonlinear = [n for n, a in adapters(tm).items() if not a.linear]
+    if nonlinear:
+        raise FoldError(
+            f"targets {nonlinear[:3]} use a nonlinear parallel adapter, which no weight of the "
+            "original model can hold; use fold() (it keeps a dense width-d·r adapter)."
+        )
     base: nn.Module = getattr(tm, BASE)
     merged = merged_weights(tm)
     ids = {id(base.get_parameter(fqn)): w for fqn, w in merged.items()}
@@ -105,7 +114,8 @@ def fold(train_model: CapaBoostModel) -> FoldedModel:
         for module, attr in slots[id(new_base.get_parameter(fqn))]:  # tied aliases too
             setattr(module, attr, merged_param)
     graph = tm.copy_graph("eval")
-    unrewrite(graph)
+    dense = {adapter_key(n): DenseAdapter(a) for n, a in adapters(tm).items() if not a.linear}
+    unrewrite(graph, keep=frozenset(n for n, a in adapters(tm).items() if not a.linear))
     constants = {k: v.detach().clone() for k, v in getattr(tm, CONSTANTS).named_buffers()
                  if k.startswith("eval_")}
-    return FoldedModel(new_base, graph, constants, tm._in_spec, tm._out_spec)
+    return FoldedModel(new_base, graph, constants, tm._in_spec, tm._out_spec, dense)

@@ -43,12 +43,18 @@ def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str) -> list[s
     return changed
 
 
-def unrewrite(graph: fx.Graph) -> list[str]:
-    """Remove every node `rewrite` inserted (used by the fold); returns the targets removed."""
+DENSE = "capaboost_dense"  # ModuleDict of folded nonlinear adapters on the deploy module
+
+
+def unrewrite(graph: fx.Graph, keep: frozenset[str] = frozenset()) -> list[str]:
+    """Remove every node `rewrite` inserted (used by the fold); returns the targets removed.
+    Targets in `keep` (nonlinear parallel adapters) stay, retargeted to ``capaboost_dense``."""
     removed = []
     for node in list(graph.nodes):
         tag = node.meta.get(META)
-        if tag and tag["role"] == "add":
+        if tag and tag["role"] == "delta" and tag["target"] in keep:
+            node.target = f"{DENSE}.{adapter_key(tag['target'])}"
+        elif tag and tag["role"] == "add" and tag["target"] not in keep:
             y, delta = node.args
             node.replace_all_uses_with(y)
             graph.erase_node(node)
