@@ -23,6 +23,7 @@ from .errors import (
     FoldError,
     InputError,
     NotTransformedError,
+    OnnxFileNotFoundError,
     SpecError,
     SpecTypeError,
     TargetError,
@@ -32,6 +33,7 @@ from .errors import (
 from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
 from .model import CapaBoostModel, FoldedModel
+from .onnx_export import CompareReport, ExportReport, compare_onnx, export_onnx, verify_onnx
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
@@ -53,6 +55,11 @@ __all__ = [
     "rank_report",
     "report",
     "to_peft_lora",
+    "export_onnx",
+    "verify_onnx",
+    "compare_onnx",
+    "ExportReport",
+    "CompareReport",
     "mask_kinds",
     "CapaBoostModel",
     "FoldedModel",
@@ -66,6 +73,7 @@ __all__ = [
     "CaptureError",
     "InputError",
     "NotTransformedError",
+    "OnnxFileNotFoundError",
     "AlreadyTransformedError",
     "FoldError",
     "AdapterFileError",

@@ -67,6 +67,10 @@ class ExportError(CapaBoostError, RuntimeError):
     """ONNX export failed, or its output is not what was asked for."""
 
 
+class OnnxFileNotFoundError(CapaBoostError, FileNotFoundError):
+    """An ONNX file to read (compare, serve, optimise) does not exist."""
+
+
 class VerificationError(CapaBoostError, AssertionError):
     """An exported model's outputs differ from PyTorch's beyond the tolerance."""
 

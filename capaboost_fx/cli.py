@@ -1,0 +1,274 @@
+"""Command line: ``capaboost-fx <command> ...`` (also ``python -m capaboost_fx.cli``).
+
+Commands:
+
+- ``export --model MODEL --out FILE.onnx``: export and verify a model. MODEL is
+  ``package.module:factory`` or ``path/to/file.py:factory`` (a callable returning
+  ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; a dict as second
+  item is taken as keyword inputs), or a Hugging Face model directory (loaded offline, fed
+  random token ids or pixels).
+- ``compare BASE FOLDED``: node counts, operators, initializers, size and onnxruntime latency of
+  two ONNX files as a Markdown table; ``--json`` writes the full report.
+
+Exit codes: 0 success, 1 a failure the library reports (printed as ``error: <message>``, no
+traceback), 2 bad command line (argparse).
+
+Adding a command: write ``_add_<name>_args(parser)`` and ``_cmd_<name>(args) -> int`` and add one
+entry to `COMMANDS`; `_build_parser` picks it up.
+
+Example::
+
+    capaboost-fx export --model my_project.models:folded_bert --out folded.onnx
+    capaboost-fx compare base.onnx folded.onnx --runs 50 --json compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from capaboost_fx.errors import CapaBoostError, ExportError, InputError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, how it adds its arguments, and what it runs."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _load_factory(spec: str) -> Callable[[], Any]:
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise InputError(
+            f"--model {spec!r}: expected module:factory, file.py:factory or a directory"
+        )
+    try:
+        if module_part.endswith(".py") or os.sep in module_part:
+            if not os.path.isfile(module_part):
+                raise InputError(f"--model {spec!r}: file {module_part} not found")
+            name = f"_capaboost_cli_{os.path.splitext(os.path.basename(module_part))[0]}"
+            loader_spec = importlib.util.spec_from_file_location(name, module_part)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            # A console script does not have the working directory on sys.path; `python -m` does.
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_part)
+    except CapaBoostError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"--model {spec!r}: cannot import {module_part}: {type(e).__name__}: {e}"
+        ) from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"--model {spec!r}: {module_part} has no callable {attr!r}")
+    return factory
+
+
+def _from_factory(spec: str) -> tuple[Any, tuple, dict]:
+    made = _load_factory(spec)()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise InputError(
+            f"--model {spec!r}: the factory must return (model, example_inputs) or "
+            f"(model, example_inputs, example_kwargs), got {type(made).__name__}"
+        )
+    model, inputs = made[0], made[1]
+    kwargs = dict(made[2]) if len(made) == 3 and made[2] else {}
+    if isinstance(inputs, dict):
+        inputs, kwargs = (), {**inputs, **kwargs}
+    elif not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    return model, inputs, kwargs
+
+
+def _from_hf_dir(path: str, batch_size: int, seq_len: int) -> tuple[Any, tuple, dict]:
+    import torch
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise InputError(f"--model {path}: loading a model directory needs transformers") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        if hasattr(config, "use_cache"):
+            config.use_cache = False  # a KV cache object is no ONNX output we can name
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        model = cls.from_pretrained(path, config=config, local_files_only=True).eval()
+    except Exception as e:
+        raise InputError(f"--model {path}: cannot load a Hugging Face model: {e}") from e
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        pixels = torch.randn(batch_size, config.num_channels, *size, generator=gen)
+        return model, (), {"pixel_values": pixels}
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise InputError(f"--model {path}: cannot tell which inputs a {arch or 'model'} takes")
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="module:factory, file.py:factory, or a HF model directory"
+    )
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    p.add_argument(
+        "--batch-size", type=int, default=2, help="example batch for a model directory (>= 2)"
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=16, help="example sequence length for a model directory"
+    )
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the export report as JSON"
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from capaboost_fx.onnx_export import export_onnx
+
+    if os.path.isdir(args.model):
+        model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
+    else:
+        model, inputs, kwargs = _from_factory(args.model)
+    report = export_onnx(
+        model,
+        args.out,
+        example_inputs=inputs,
+        example_kwargs=kwargs,
+        opset=args.opset,
+        verify=not args.no_verify,
+    )
+    print(f"wrote {report.path} ({report.file_bytes:,} bytes, opset {report.opset})")
+    print(
+        f"  {report.node_count} nodes, {report.initializer_count} initializers "
+        f"({report.initializer_bytes:,} bytes), export {report.export_seconds:.1f} s"
+    )
+    if report.verified:
+        shapes = "; ".join(str(s) for s in report.verified_shapes)
+        print(
+            f"  verified on {','.join(report.providers)}: max abs diff "
+            f"{report.max_abs_diff:.3g} at input shapes {shapes}"
+        )
+    if args.json:
+        _write_json(args.json, report.to_dict())
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="the base model's .onnx")
+    p.add_argument("folded", help="the folded (or other) model's .onnx")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per model first")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="batch for latency inputs")
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=128, help="sequence length for latency inputs"
+    )
+    p.add_argument("--no-latency", action="store_true", help="compare structure only")
+    p.add_argument("--providers", default="auto", help="auto, cpu, cuda, or a provider name")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from capaboost_fx.onnx_export import compare_onnx
+
+    report = compare_onnx(
+        args.base,
+        args.folded,
+        latency=not args.no_latency,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        providers=args.providers,
+    )
+    print(report.to_markdown("base", "folded"), end="")
+    if args.json:
+        _write_json(args.json, report.to_dict())
+    return 0
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+COMMANDS: dict[str, Command] = {
+    "export": Command("export a model to ONNX and verify it", _add_export_args, _cmd_export),
+    "compare": Command(
+        "compare two ONNX files (graph, size, latency)", _add_compare_args, _cmd_compare
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capaboost-fx",
+        description="CapaBoost adapters as torch.fx passes: export and compare deploy models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_args(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage).
+
+    Example::
+
+        >>> main(["compare", "--help"])  # doctest: +SKIP
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits for --help (0) and for usage errors (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return int(args._run(args))
+    except CapaBoostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
