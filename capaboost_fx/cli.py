@@ -211,6 +211,70 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- inspect
+
+
+def _add_inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="module:factory, file.py:factory, or a HF model directory"
+    )
+    p.add_argument("--spec", help="a JSON file holding Spec fields (Spec.to_dict())")
+    p.add_argument("--targets", nargs="*", default=None,
+                   help="target patterns (globs or re:...); none: list every linear op")
+    p.add_argument("--exclude", nargs="*", default=[])
+    p.add_argument("--rank", type=_positive_int, default=8)
+    p.add_argument("--num-masks", type=_positive_int, default=2)
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--seq-len", type=_positive_int, default=16)
+    p.add_argument("--json", help="also write the report as JSON here")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from capaboost_fx.api import inspect as inspect_model
+    from capaboost_fx.spec import Spec
+
+    if os.path.isdir(args.model):
+        model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
+    else:
+        model, inputs, kwargs = _from_factory(args.model)
+    if args.spec:
+        try:
+            with open(args.spec, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--spec {args.spec}: cannot read a JSON spec: {e}") from e
+        spec = Spec.from_dict(data)
+    elif args.targets:
+        spec = Spec(targets=args.targets, exclude=args.exclude, rank=args.rank,
+                    num_masks=args.num_masks, density=args.density)
+    else:
+        spec = None
+    report = inspect_model(model, spec, inputs, kwargs)
+    print(report.to_markdown())
+    if args.json:
+        _write_json(args.json, report.to_dict())
+    if report.unmatched_patterns:
+        print(f"error: target pattern(s) {report.unmatched_patterns} matched no linear op; "
+              "see the names above", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("demo_args", nargs=argparse.REMAINDER,
+                   help="options of the demo (see: capaboost-fx demo --help)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from capaboost_fx import demo
+
+    return demo.main(list(args.demo_args))
+
+
 # --------------------------------------------------------------------------- plumbing
 
 
@@ -222,15 +286,21 @@ def _positive_int(text: str) -> int:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
+    from pathlib import Path
+
+    from capaboost_fx.io import atomic_write
+
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
     except OSError as e:
         raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 COMMANDS: dict[str, Command] = {
+    "inspect": Command("show what a spec would rewrite, and every other linear op",
+                       _add_inspect_args, _cmd_inspect),
+    "demo": Command("fine-tune MiniLM-L6 on SST-2: LoRA vs CapaBoost, fold, ONNX, report",
+                    _add_demo_args, _cmd_demo),
     "export": Command("export a model to ONNX and verify it", _add_export_args, _cmd_export),
     "compare": Command(
         "compare two ONNX files (graph, size, latency)", _add_compare_args, _cmd_compare
@@ -241,7 +311,7 @@ COMMANDS: dict[str, Command] = {
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capaboost-fx",
-        description="CapaBoost adapters as torch.fx passes: export and compare deploy models.",
+        description="CapaBoost adapters as torch.fx passes: inspect, demo, export, compare.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -258,6 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         >>> main(["compare", "--help"])  # doctest: +SKIP
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (and its own --help)
+        try:
+            return int(_cmd_demo(argparse.Namespace(demo_args=argv[1:])))
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 2
+        except CapaBoostError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,55 @@
+"""CLI: inspect and demo commands, exit codes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from capaboost_fx.cli import main
+
+
+@pytest.fixture
+def factory(tmp_path):
+    path = tmp_path / "fac.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        def mlp():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            return m, (torch.randn(3, 8),)
+    """))
+    return f"{path}:mlp"
+
+
+def test_inspect_prints_targets_and_writes_json(factory, tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    assert main(["inspect", "--model", factory, "--targets", "0", "--rank", "2",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 0 | linear | 8 | 16 | 2 | 2 | 48 |" in text and "not matched by targets" in text
+    assert json.loads(out.read_text())["targets"][0]["name"] == "0"
+
+
+def test_inspect_spec_file_and_errors(factory, tmp_path, capsys) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"targets": ["2"], "rank": 2, "num_masks": 3}))
+    assert main(["inspect", "--model", factory, "--spec", str(spec)]) == 0
+    assert "| 2 | linear | 16 | 4 | 2 | 3 |" in capsys.readouterr().out
+    assert main(["inspect", "--model", factory, "--targets", "nope"]) == 1
+    assert "matched no linear op" in capsys.readouterr().err
+    spec.write_text(json.dumps({"targets": ["2"], "rnak": 2}))
+    assert main(["inspect", "--model", factory, "--spec", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'rnak'" in err
+    assert main(["inspect"]) == 2
+    assert main(["inspect", "--model", factory, "--rank", "0"]) == 2
+
+
+def test_help_for_every_command(capsys) -> None:
+    assert main(["--help"]) == 0
+    for command in ("inspect", "demo", "export", "compare"):
+        assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--quick" in text  # the demo's own options
