@@ -63,8 +63,8 @@ def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
         delta = a.delta_weight(ct)
         if a.layout == "in_out":
             delta = delta.T
-        if not torch.isfinite(delta).all():
-            bad = int((~torch.isfinite(delta)).sum())
+        # One reduction first (cheap); the exact count only when it is not finite.
+        if not torch.isfinite(delta.sum()) and (bad := int((~torch.isfinite(delta)).sum())):
             raise FoldError(
                 f"ΔW of target {name!r} has {bad} NaN/Inf entries; folding would corrupt the "
                 "model. Training diverged: lower the learning rate or use gradient clipping, "
@@ -101,18 +101,13 @@ def fold(train_model: CapaBoostModel) -> FoldedModel:
     tm = _require(train_model, "fold()")
     merged = merged_weights(tm)
     base: nn.Module = getattr(tm, BASE)
-    # Copy the base without sharing anything with the training module.
-    new_base = copy.deepcopy(base)
-    slots: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in new_base.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                p.requires_grad_(False)
-                slots.setdefault(id(p), []).append((module, attr))
-    for fqn, w in merged.items():
-        merged_param = nn.Parameter(w, requires_grad=False)
-        for module, attr in slots[id(new_base.get_parameter(fqn))]:  # tied aliases too
-            setattr(module, attr, merged_param)
+    # Copy the base without sharing anything with the training module; merged weights are
+    # put in place of the originals through the memo (tied aliases follow), not copied twice.
+    memo = {id(base.get_parameter(fqn)): nn.Parameter(w, requires_grad=False)
+            for fqn, w in merged.items()}
+    new_base = copy.deepcopy(base, memo)
+    for p in new_base.parameters():
+        p.requires_grad_(False)
     graph = tm.copy_graph("eval")
     dense = {adapter_key(n): DenseAdapter(a) for n, a in adapters(tm).items() if not a.linear}
     unrewrite(graph, keep=frozenset(n for n, a in adapters(tm).items() if not a.linear))

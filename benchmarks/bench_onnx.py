@@ -1,0 +1,241 @@
+"""Benchmark 4: inference in onnxruntime, folded CapaBoost model vs the base model.
+
+The base model (eager, eval mode) and the folded CapaBoost d=2 model (`cbx.fold`, adapters
+trained or randomised so ΔW ≠ 0) are exported to ONNX with dynamic batch and sequence, then
+run in onnxruntime (CPUExecutionProvider, as many intra-op threads as torch, sequential)
+alternately, round
+after round, at batch 1 and batch 8. Reported: latency ratio folded/base, node counts and op
+histograms, file sizes, and that each file reproduces its PyTorch model.
+
+The exporter is `capaboost_fx.export_onnx` when that helper exists and works on both models;
+otherwise `torch.onnx.export(..., dynamo=True, dynamic_shapes=...)` directly (the JSON says
+which, and why).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+from common import (
+    RATIO_HEADERS,
+    TARGETS,
+    Context,
+    Settings,
+    alternate,
+    make_batch,
+    quiet,
+    randomize_B,
+    ratio,
+    ratio_row,
+    summary,
+    table,
+)
+
+import capaboost_fx as cbx
+
+BATCHES = (1, 8)
+
+
+def _library_exporter() -> Any:
+    try:
+        from capaboost_fx.onnx_export import export_onnx
+    except Exception:
+        export_onnx = getattr(cbx, "export_onnx", None)
+    return export_onnx
+
+
+def _dynamic_shapes() -> dict[str, Any]:
+    from torch.export import Dim
+
+    b, s = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
+    return {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
+
+
+def _direct_export(module: torch.nn.Module, path: str, kwargs: dict[str, torch.Tensor]) -> None:
+    with quiet():
+        torch.onnx.export(module, (), path, kwargs=kwargs, dynamo=True,
+                          dynamic_shapes=_dynamic_shapes(), external_data=False)
+
+
+def _session(path: str) -> Any:
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()  # 2 (1 in quick mode)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    # Two sessions take turns on 2 cores: a session's idle pool spinning after its run would
+    # slow down whichever session runs next, so spinning is off for both.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess: Any, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    names = [i.name for i in sess.get_inputs()]
+    return {n: batch[n].numpy() for n in names}
+
+
+def _graph_stats(path: str) -> dict[str, Any]:
+    import onnx
+
+    m = onnx.load(path)
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    fn_nodes = sum(len(f.node) for f in m.functions)
+    size = os.path.getsize(path)
+    data = path + ".data"
+    if os.path.exists(data):
+        size += os.path.getsize(data)
+    init_bytes = sum(int(onnx.numpy_helper.to_array(t).nbytes) for t in m.graph.initializer)
+    return {"nodes": len(m.graph.node), "function_nodes": fn_nodes,
+            "initializers": len(m.graph.initializer), "initializer_bytes": init_bytes,
+            "file_bytes": size, "op_histogram": dict(sorted(ops.items()))}
+
+
+def export_both(base: torch.nn.Module, folded: torch.nn.Module, example: dict[str, torch.Tensor],
+                check: dict[int, dict[str, torch.Tensor]], workdir: str) -> dict[str, Any]:
+    """Export both models; prefer the library's exporter, fall back to torch.onnx.export."""
+    paths = {"base": os.path.join(workdir, "base.onnx"),
+             "folded": os.path.join(workdir, "folded.onnx")}
+    mods = {"base": base, "folded": folded}
+    seconds: dict[str, float] = {}
+    exporter, why = "torch.onnx.export(dynamo=True, dynamic_shapes=batch/seq)", ""
+    lib = _library_exporter()
+    if lib is None:
+        why = "capaboost_fx.onnx_export.export_onnx is not available in this checkout"
+    else:
+        try:
+            for name, mod in mods.items():
+                t0 = time.perf_counter()
+                with quiet():
+                    lib(mod, paths[name], example_kwargs=example, verify=True)
+                seconds[name] = time.perf_counter() - t0
+                sess = _session(paths[name])
+                for b in check.values():  # must take batch 1 and batch 8
+                    sess.run(None, _feeds(sess, b))
+            exporter = "capaboost_fx.onnx_export.export_onnx(verify=True)"
+        except Exception as e:
+            why = ("capaboost_fx.onnx_export.export_onnx failed or gave a file without dynamic "
+                   f"batch: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc(limit=2)
+    if why:
+        for name, mod in mods.items():
+            t0 = time.perf_counter()
+            _direct_export(mod, paths[name], example)
+            seconds[name] = time.perf_counter() - t0
+    return {"exporter": exporter, "fallback_reason": why or None, "paths": paths,
+            "export_seconds": seconds}
+
+
+def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
+    size = st.size
+    base = ctx.base
+    if "capaboost_d2" in (ctx._cfgs or {}):
+        tm = ctx.configs()["capaboost_d2"].module  # trained in benchmarks 1-2: ΔW ≠ 0
+        source = "the CapaBoost d=2 training module of the step benchmark (after its steps)"
+    else:
+        tm = cbx.transform(base, cbx.Spec(targets=TARGETS, rank=8, num_masks=2, density=0.5),
+                           example_kwargs={k: ctx.batch[k]
+                                           for k in ("input_ids", "attention_mask")})
+        randomize_B(tm, 3)
+        source = "a fresh CapaBoost d=2 transform with random B"
+    folded = cbx.fold(tm)
+    base_eval = base.eval()
+    example = {k: v for k, v in make_batch(size, 4, st.seq, seed=1).items()
+               if k in ("input_ids", "attention_mask")}
+    inputs = {b: {k: v for k, v in make_batch(size, b, st.seq, seed=2 + b).items()
+                  if k in ("input_ids", "attention_mask")} for b in BATCHES}
+    with tempfile.TemporaryDirectory() as workdir:
+        exp = export_both(base_eval, folded, example, inputs, workdir)
+        log(f"  exported with {exp['exporter']}")
+        stats = {n: _graph_stats(p) for n, p in exp["paths"].items()}
+        try:  # the library's own structural comparison, as a cross-check
+            from capaboost_fx.onnx_export import compare_onnx
+
+            same_graph = bool(compare_onnx(exp["paths"]["base"], exp["paths"]["folded"],
+                                           latency=False).same_graph)
+        except Exception as e:
+            same_graph = f"compare_onnx unavailable: {type(e).__name__}: {str(e)[:200]}"
+        sessions = {n: _session(p) for n, p in exp["paths"].items()}
+        correctness = {}
+        with torch.no_grad():
+            for b, inp in inputs.items():
+                ref = {"base": base_eval(**inp).logits, "folded": folded(**inp).logits}
+                got = {n: torch.from_numpy(s.run(None, _feeds(s, inp))[0])
+                       for n, s in sessions.items()}
+                correctness[f"batch{b}"] = {
+                    "base_onnx_vs_torch": float((got["base"] - ref["base"]).abs().max()),
+                    "folded_onnx_vs_torch": float((got["folded"] - ref["folded"]).abs().max()),
+                    "folded_vs_base_logits": float((ref["folded"] - ref["base"]).abs().max()),
+                }
+        latency: dict[str, Any] = {}
+        for b, inp in inputs.items():
+            feeds = {n: _feeds(s, inp) for n, s in sessions.items()}
+            iters = st.onnx_iters.get(b, 3)
+
+            def bench(n: str, feeds=feeds, iters=iters):
+                def fn() -> float:
+                    ts = []
+                    for _ in range(iters):
+                        t0 = time.perf_counter()
+                        sessions[n].run(None, feeds[n])
+                        ts.append(time.perf_counter() - t0)
+                    return float(np.median(ts))
+                return fn
+
+            fns = {n: bench(n) for n in sessions}
+            for _ in range(3):  # warm-up: first runs at a new shape allocate and plan
+                for f in fns.values():
+                    f()
+            samples = alternate(fns, st.onnx_rounds)
+            latency[f"batch{b}"] = {
+                "seq": st.seq, "iters_per_measurement": iters,
+                "ms": {n: summary([x * 1e3 for x in v]) for n, v in samples.items()},
+                "ratio": ratio(samples, "folded", "base", "<= 1.02"),
+            }
+            log(f"  batch {b}: folded/base {latency[f'batch{b}']['ratio']['median']:.3f}")
+        sessions.clear()
+    same_ops = stats["base"]["op_histogram"] == stats["folded"]["op_histogram"]
+    return {
+        "model": size.describe(), "folded_from": source,
+        "exporter": exp["exporter"], "fallback_reason": exp["fallback_reason"],
+        "export_seconds": exp["export_seconds"],
+        "graph": stats,
+        "identical_node_counts": stats["base"]["nodes"] == stats["folded"]["nodes"],
+        "identical_op_histograms": same_ops,
+        "compare_onnx_same_graph": same_graph,
+        "correctness_max_abs_diff": correctness,
+        "latency": latency,
+        "ort_settings": f"CPUExecutionProvider, intra_op_num_threads={torch.get_num_threads()}, "
+                        "inter_op_num_threads=1, "
+                        "ORT_SEQUENTIAL, default graph optimizations (ORT_ENABLE_ALL)",
+    }
+
+
+def report(res: dict[str, Any]) -> str:
+    g = res["graph"]
+    rows = [[n, g[n]["nodes"], g[n]["initializers"],
+             f"{g[n]['initializer_bytes'] / 2**20:.2f} MiB",
+             f"{g[n]['file_bytes'] / 2**20:.2f} MiB",
+             f"{res['export_seconds'].get(n, 0):.1f}"] for n in ("base", "folded")]
+    lat = res["latency"]
+    lrows = [[k, f"{v['ms']['base']['median']:.2f}", f"{v['ms']['folded']['median']:.2f}",
+              *ratio_row("", v["ratio"])[1:]] for k, v in lat.items()]
+    return "\n".join([
+        f"### ONNX inference (exporter: {res['exporter']})"
+        + (f"\nfallback: {res['fallback_reason']}" if res["fallback_reason"] else ""),
+        table(["model", "nodes", "initializers", "initializer data", "file", "export s"], rows),
+        f"identical node counts: {res['identical_node_counts']}, identical op histograms: "
+        f"{res['identical_op_histograms']}, compare_onnx(...).same_graph: "
+        f"{res['compare_onnx_same_graph']}",
+        table(["input", "base ms", "folded ms", *RATIO_HEADERS[1:]], lrows),
+        f"correctness (max abs diff): {res['correctness_max_abs_diff']}",
+    ])
