@@ -40,3 +40,11 @@ def test_every_error_is_a_library_error_and_a_builtin() -> None:
         builtins = [b for b in c.__mro__[1:] if b.__module__ == "builtins" and b is not object]
         assert any(b is not Exception and b is not BaseException for b in builtins), c
         assert c.__name__ in cbx.__all__, c
+
+
+def test_wrongly_shaped_example_inputs() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(cbx.CaptureError) as info:
+        cbx.transform(model, cbx.Spec(targets=["0"], rank=2), (torch.randn(3, 9),))
+    msg = str(info.value)
+    assert "could not capture Sequential" in msg and "example inputs" in msg

@@ -47,6 +47,7 @@ def test_every_operation_and_failure_leaves_the_model_alone(tmp_path) -> None:
     loaded = cbx.load_adapter(model, path, args, kwargs)
     BERT.loss(loaded(*args, **kwargs)).backward()
     cbx.inspect(model, BERT.spec, args, kwargs)
+    cbx.export_onnx(cbx.fold(tm), tmp_path / "m.onnx", args, kwargs)
 
     failures = [
         lambda: cbx.transform(model, cbx.Spec(targets=["*.nothing"]), args, kwargs),
@@ -55,6 +56,7 @@ def test_every_operation_and_failure_leaves_the_model_alone(tmp_path) -> None:
         lambda: cbx.transform(model, BERT.spec, (), {"input_ids": args}),
         lambda: cbx.load_adapter(model, tmp_path / "missing.safetensors", args, kwargs),
         lambda: cbx.save_adapter(tm, tmp_path / "no" / "dir.safetensors"),
+        lambda: cbx.export_onnx(cbx.fold(tm), tmp_path / "no" / "m.onnx", args, kwargs),
     ]
     for fail in failures:
         with pytest.raises(cbx.CapaBoostError):
