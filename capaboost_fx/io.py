@@ -80,6 +80,9 @@ def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

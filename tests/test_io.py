@@ -138,3 +138,13 @@ def test_save_needs_a_training_module(trained, tmp_path) -> None:
         cbx.save_adapter(model, tmp_path / "a.safetensors")
     with pytest.raises(cbx.NotTransformedError):
         cbx.save_adapter(cbx.fold(tm), tmp_path / "a.safetensors")
+
+
+def test_saved_file_has_the_usual_mode(trained, tmp_path) -> None:
+    _, _, tm = trained
+    old = os.umask(0o022)
+    try:
+        path = cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
