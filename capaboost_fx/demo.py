@@ -149,33 +149,17 @@ class DemoConfig:
 # --------------------------------------------------------------------------- small helpers
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success move it over `path` (os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """capaboost_fx.io.atomic_write, creating the report folder first."""
+    from capaboost_fx.io import atomic_write
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` through a temporary file and os.replace."""
-    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="\n"))
 
 
 def _available_cores() -> int:
@@ -485,8 +469,7 @@ def plot_loss(curves: Mapping[str, Sequence[float]], path: str | os.PathLike,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with _atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
@@ -524,8 +507,7 @@ def plot_spectrum(
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Singular values of ΔW: CapaBoost (d masks) lifts the rank above r")
     fig.tight_layout()
-    with _atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
