@@ -75,6 +75,12 @@ class VerificationError(CapaBoostError, AssertionError):
     """An exported model's outputs differ from PyTorch's beyond the tolerance."""
 
 
+class CapaBoostWarning(UserWarning):
+    """Something works but may not be what you meant (e.g. an adapter file loaded onto base
+    weights that differ from those it was trained on). Filter with
+    ``warnings.simplefilter("error", capaboost_fx.CapaBoostWarning)`` to make it fatal."""
+
+
 def close_names(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """The candidates closest to `word` (for "did you mean" hints), best first."""
     candidates = list(dict.fromkeys(candidates))

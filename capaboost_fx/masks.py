@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import SpecError, TargetError
+
 MaskFn = Callable[[tuple[int, int], float, torch.Generator], torch.Tensor]
 _REGISTRY: dict[str, MaskFn] = {}
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -55,9 +57,14 @@ def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
         ...     return keep[:, None].expand(shape).clone()
     """
     if not isinstance(name, str) or not name or NM_PATTERN.match(name):
-        raise ValueError(f"mask name must be a non-empty string other than 'N:M', got {name!r}")
+        raise SpecError(f"register_mask: the name must be a non-empty string that is not an "
+                        f"'N:M' pattern, got {name!r}.")
 
     def deco(fn: MaskFn) -> MaskFn:
+        if not callable(fn):
+            raise SpecError(f"register_mask({name!r}) decorates a mask function "
+                            "fn(shape, density, generator) -> bool tensor, got "
+                            f"{type(fn).__name__}.")
         _REGISTRY[name] = fn
         return fn
 
@@ -101,7 +108,8 @@ def nm_mask(n: int, m: int, shape: tuple[int, int], generator: torch.Generator) 
     """Keep N of every M consecutive entries along dim 1 (the reduction dim of x @ W.T)."""
     rows, cols = shape
     if cols % m:
-        raise ValueError(f"an {n}:{m} mask needs the input dimension ({cols}) divisible by {m}")
+        raise TargetError(f"an {n}:{m} mask needs the input dimension ({cols}) divisible by {m}; "
+                          "choose another mask or exclude this target.")
     scores = torch.rand(rows, cols // m, m, generator=generator)
     keep = scores.argsort(dim=-1)[..., :n]
     mask = torch.zeros(rows, cols // m, m, dtype=torch.bool)
@@ -116,7 +124,8 @@ def make_masks(
     """The ``num_masks`` masks of one factor (``"A"`` or ``"B"``), stacked: d × *shape, bool."""
     nm = NM_PATTERN.match(kind)
     if nm is None and kind not in _REGISTRY:
-        raise ValueError(f"unknown mask kind {kind!r}; known: {mask_kinds()} or 'N:M'")
+        raise SpecError(f"unknown mask kind {kind!r}; known: {mask_kinds()} or 'N:M' (e.g. "
+                        "'2:4'), or add one with capaboost_fx.register_mask.")
     if nm is None and kind != "bernoulli" and density >= 1.0:
         return torch.ones((num_masks, *shape), dtype=torch.bool)
     masks = []
@@ -125,9 +134,26 @@ def make_masks(
         if nm:
             mask = nm_mask(int(nm.group(1)), int(nm.group(2)), shape, gen)
         else:
-            mask = _REGISTRY[kind](shape, density, gen)
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"mask function {kind!r} returned {type(mask).__name__} "
-                             f"{getattr(mask, 'shape', '')}, expected a bool tensor of {shape}")
-        masks.append(mask.to(torch.bool))
+            mask = _call_registered(kind, shape, density, gen, name, factor)
+        masks.append(mask)
     return torch.stack(masks)
+
+
+def _call_registered(kind: str, shape: tuple[int, int], density: float, gen: torch.Generator,
+                     name: str, factor: str) -> torch.Tensor:
+    """Run a registered mask function and check it returned a bool tensor of `shape`."""
+    where = f"mask kind {kind!r} (target {name!r}, factor {factor})"
+    try:
+        mask = _REGISTRY[kind](tuple(shape), density, gen)
+    except Exception as e:  # the user's function failed: say which one, keep the cause
+        raise SpecError(f"{where}: the mask function raised {type(e).__name__}: {e}") from e
+    if not isinstance(mask, torch.Tensor):
+        raise SpecError(f"{where}: the mask function returned {type(mask).__name__}, expected a "
+                        f"bool tensor of shape {tuple(shape)}.")
+    if tuple(mask.shape) != tuple(shape):
+        raise SpecError(f"{where}: the mask function returned shape {tuple(mask.shape)}, "
+                        f"expected {tuple(shape)} (rows x columns of the factor).")
+    if mask.dtype != torch.bool:
+        raise SpecError(f"{where}: the mask function returned dtype {mask.dtype}, expected "
+                        "torch.bool (e.g. return `scores < density`, not the scores).")
+    return mask.cpu()

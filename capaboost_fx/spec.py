@@ -9,7 +9,10 @@ or regexes with a ``re:`` prefix, matched against target names) and how: LoRA ra
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import functools
+import inspect
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -68,6 +71,50 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+#: Names people bring from the paper or from PEFT, and the Spec field each means.
+_ALIASES = {"r": "rank", "lora_r": "rank", "d": "num_masks", "masks": "num_masks",
+            "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+            "modules_to_save": "trainable", "exclude_modules": "exclude"}
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    """`` did you mean 'x'?`` for a misspelt field name, or the list of fields."""
+    guess = _ALIASES.get(name) if _ALIASES.get(name) in known else None
+    if guess is None:
+        prefixed = [k for k in known if k.startswith(name)]
+        guess = prefixed[0] if len(prefixed) == 1 else None
+    if guess is None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    if guess is not None:
+        return f"did you mean {guess!r}?"
+    return f"the fields are {known}."
+
+
+def _friendly_init(cls: type) -> type:
+    """Wrap the dataclass ``__init__`` so a wrong keyword is a `SpecTypeError` (still a
+    TypeError) that names the closest field, instead of Python's bare TypeError."""
+    generated = cls.__init__
+    signature = inspect.signature(generated)
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        known = [f.name for f in dataclasses.fields(cls) if f.init]
+        for key in kwargs:
+            if key not in known:
+                raise SpecTypeError(f"Spec: unknown field {key!r}; {_suggest(key, known)}")
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise SpecTypeError(f"Spec: {e}; pass fields by name, e.g. "
+                                "Spec(targets=['*.query'], rank=8).") from None
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_friendly_init
 @dataclass
 class Spec:
     """What to adapt and how.
@@ -251,8 +298,10 @@ class Spec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
+            hints = "; ".join(f"{k!r}: {_suggest(k, sorted(known))}" for k in unknown)
             raise SpecError(
-                f"Spec.from_dict got unknown key(s) {unknown}; allowed keys: {sorted(known)}."
+                f"Spec.from_dict got unknown key(s) {unknown} ({hints}); allowed keys: "
+                f"{sorted(known)}."
             )
         return cls(**dict(data))
 

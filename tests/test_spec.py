@@ -152,3 +152,18 @@ def test_nan_delta_at_fold_names_the_target() -> None:
         cbx.adapters(tm)["2"].B[0, 0] = float("nan")
     with pytest.raises(cbx.FoldError, match="'2'"):
         cbx.fold(tm)
+
+
+@pytest.mark.parametrize("kwargs,guess", [({"r": 8}, "rank"), ({"densty": 0.5}, "density"),
+                                          ({"target": ["*.q"]}, "targets"),
+                                          ({"lora_alpha": 16}, "alpha")])
+def test_unknown_field_names_the_closest(kwargs: dict, guess: str) -> None:
+    (key,) = kwargs
+    with pytest.raises(cbx.SpecTypeError,
+                       match=f"unknown field '{key}'; did you mean '{guess}'") as info:
+        cbx.Spec(targets=["*.q"], **kwargs) if key != "target" else cbx.Spec(**kwargs)
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(cbx.SpecTypeError, match="the fields are"):
+        cbx.Spec(targets=["*.q"], zzzz=1)
+    with pytest.raises(cbx.SpecTypeError, match="multiple values"):
+        cbx.Spec(["*.q"], targets=["*.k"])
