@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -148,3 +149,70 @@ def test_saved_file_has_the_usual_mode(trained, tmp_path) -> None:
     finally:
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def _rewrite_header(path, out, edit) -> None:
+    """Copy an adapter file to `out` with `edit(header)` applied (tensors untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["capaboost_fx"])
+    edit(header)
+    save_file(tensors, out, metadata={"capaboost_fx": json.dumps(header)})
+
+
+def test_edited_header_is_refused(trained, tmp_path) -> None:
+    model, example, tm = trained
+    path = cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    assert len(cbx.read_header(path)["header_sha256"]) == 64
+    edited = tmp_path / "edited.safetensors"
+    _rewrite_header(path, edited, lambda h: h["spec"].update(density=0.7))
+    with pytest.raises(cbx.AdapterFileError, match="header.*does not match its sha256.*edited"):
+        cbx.load_adapter(model, edited, *example)
+
+
+def test_file_without_header_checksum_loads_with_a_warning(trained, tmp_path) -> None:
+    model, example, tm = trained
+    path = cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    old = tmp_path / "old.safetensors"  # as written before the header checksum existed
+    _rewrite_header(path, old, lambda h: [h.pop("header_sha256"), h.pop("base_weights")])
+    with pytest.warns(cbx.CapaBoostWarning, match="no header checksum"):
+        loaded = cbx.load_adapter(model, old, *example)
+    for name, a in cbx.adapters(tm).items():
+        assert torch.equal(cbx.adapters(loaded)[name].B, a.B)
+
+
+def test_directory_path_says_it_is_a_directory(trained, tmp_path) -> None:
+    model, example, tm = trained
+    cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    with pytest.raises(cbx.AdapterFileNotFoundError,
+                       match=r"is a directory; .*\.safetensors file.*\['a.safetensors'\]"):
+        cbx.load_adapter(model, tmp_path, *example)
+
+
+def test_other_base_weights_warn(trained, tmp_path) -> None:
+    import warnings
+
+    model, example, tm = trained
+    path = cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cbx.CapaBoostWarning)
+        cbx.load_adapter(model, path, *example)  # the same base: silent
+        cbx.load_adapter(copy.deepcopy(model).to(torch.bfloat16), path,
+                         *example)  # same weights in another dtype: silent
+    other = BERT.build()  # same names and shapes, other (random) weights
+    with pytest.warns(cbx.CapaBoostWarning, match=r"4 of the 4 targeted base weights hold other"):
+        cbx.load_adapter(other, path, *example)
+
+
+def test_other_architecture_names_missing_weights(trained, tmp_path) -> None:
+    from torch import nn
+
+    model, example, tm = trained
+    path = cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    mlp = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(cbx.AdapterFileError, match=r"saved for another model: 6 of the 6 .*"
+                       r"not in this Sequential, e\.g\. \['bert\.encoder\.layer\.0"):
+        cbx.load_adapter(mlp, path, (torch.randn(3, 32),))
