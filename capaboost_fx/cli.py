@@ -52,8 +52,15 @@ class Command:
 def _load_factory(spec: str) -> Callable[[], Any]:
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
+        if os.path.isfile(spec):
+            raise InputError(
+                f"--model {spec!r} is a file; give a Hugging Face model directory, or "
+                f"{spec}:FACTORY naming a function in it that returns (model, example_inputs)"
+            )
         raise InputError(
-            f"--model {spec!r}: expected module:factory, file.py:factory or a directory"
+            f"--model {spec!r}: no such directory (relative to {os.getcwd()}). --model is a "
+            "Hugging Face model directory (loaded offline: a hub name must be downloaded and "
+            "saved with save_pretrained first), or module:factory / file.py:factory"
         )
     try:
         if module_part.endswith(".py") or os.sep in module_part:
@@ -214,42 +221,83 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inspect
 
 
+#: Spec fields the inspect command sets from options (also on top of --spec FILE).
+_SPEC_OPTIONS = ("targets", "exclude", "rank", "num_masks", "density", "alpha", "mask", "seed",
+                 "trainable")
+
+
 def _add_inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="module:factory, file.py:factory, or a HF model directory"
-    )
-    p.add_argument("--spec", help="a JSON file holding Spec fields (Spec.to_dict())")
-    p.add_argument("--targets", nargs="*", default=None,
-                   help="target patterns (globs or re:...); none: list every linear op")
-    p.add_argument("--exclude", nargs="*", default=[])
-    p.add_argument("--rank", type=_positive_int, default=8)
-    p.add_argument("--num-masks", type=_positive_int, default=2)
-    p.add_argument("--density", type=float, default=0.5)
-    p.add_argument("--batch-size", type=_positive_int, default=2)
-    p.add_argument("--seq-len", type=_positive_int, default=16)
-    p.add_argument("--json", help="also write the report as JSON here")
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from capaboost_fx.api import inspect as inspect_model
     from capaboost_fx.spec import Spec
 
-    if os.path.isdir(args.model):
-        model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
-    else:
-        model, inputs, kwargs = _from_factory(args.model)
+    default = Spec(targets=["_"])
+    helps = Spec.fields_help()
+
+    def doc(name: str) -> str:  # the Spec field's help, then its default
+        value = getattr(default, name)
+        shown = "none" if value == [] else value
+        return f"{helps[name]} (default: {shown})".replace("%", "%%")
+
+    p.add_argument(
+        "--model", required=True,
+        help="a Hugging Face model directory (loaded offline), or module:factory / "
+             "file.py:factory, a callable returning (model, example_inputs[, example_kwargs])",
+    )
+    p.add_argument("--spec", metavar="FILE",
+                   help="a JSON file of Spec fields (Spec.to_dict()); the options below, when "
+                        "given, override its fields")
+    p.add_argument("--targets", nargs="*", default=None, metavar="PATTERN",
+                   help=helps["targets"] + " (default: none, which lists every linear op and "
+                        "adapts nothing)")
+    p.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN", help=doc("exclude"))
+    p.add_argument("--rank", type=_positive_int, default=None, help=doc("rank"))
+    p.add_argument("--num-masks", type=_positive_int, default=None, help=doc("num_masks"))
+    p.add_argument("--density", type=float, default=None, help=doc("density"))
+    p.add_argument("--alpha", type=float, default=None, help=doc("alpha"))
+    p.add_argument("--mask", default=None, help=doc("mask"))
+    p.add_argument("--seed", type=int, default=None, help=doc("seed"))
+    p.add_argument("--trainable", nargs="*", default=None, metavar="NAME",
+                   help=doc("trainable"))
+    p.add_argument("--batch-size", type=_positive_int, default=2,
+                   help="example batch for a model directory (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=16,
+                   help="example sequence length for a model directory (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
+
+
+def _spec_from_args(args: argparse.Namespace) -> Any:
+    """The Spec the inspect options describe: --spec FILE, then explicit options on top; None
+    (list every linear op) when there are no targets at all."""
+    from capaboost_fx.spec import Spec
+
+    data: dict[str, Any] = {}
     if args.spec:
         try:
             with open(args.spec, encoding="utf-8") as f:
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise InputError(f"--spec {args.spec}: cannot read a JSON spec: {e}") from e
-        spec = Spec.from_dict(data)
-    elif args.targets:
-        spec = Spec(targets=args.targets, exclude=args.exclude, rank=args.rank,
-                    num_masks=args.num_masks, density=args.density)
+        if not isinstance(data, dict):
+            raise InputError(f"--spec {args.spec}: expected a JSON object of Spec fields, got "
+                             f"{type(data).__name__}")
+    given = {k: getattr(args, k) for k in _SPEC_OPTIONS if getattr(args, k) is not None}
+    data.update(given)
+    if not data.get("targets"):
+        if args.spec or set(given) - {"targets"}:
+            raise InputError("no targets: give --targets PATTERN... (or targets in --spec) for "
+                             f"the options {sorted(set(given) - {'targets'})} to apply; without "
+                             "targets inspect only lists the linear ops")
+        return None
+    return Spec.from_dict(data)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from capaboost_fx.api import inspect as inspect_model
+
+    spec = _spec_from_args(args)  # before loading the model: a bad spec fails fast
+    if os.path.isdir(args.model):
+        model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
     else:
-        spec = None
+        model, inputs, kwargs = _from_factory(args.model)
     report = inspect_model(model, spec, inputs, kwargs)
     print(report.to_markdown())
     if args.json:
@@ -272,7 +320,20 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from capaboost_fx import demo
 
-    return demo.main(list(args.demo_args))
+    # The demo builds its own parser (for `python -m capaboost_fx.demo`); name it after the
+    # command the user typed in usage lines and --help.
+    build = demo.build_parser
+
+    def build_named() -> argparse.ArgumentParser:
+        parser = build()
+        parser.prog = "capaboost-fx demo"
+        return parser
+
+    demo.build_parser = build_named
+    try:
+        return demo.main(list(args.demo_args))
+    finally:
+        demo.build_parser = build
 
 
 # --------------------------------------------------------------------------- plumbing

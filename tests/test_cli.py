@@ -53,3 +53,39 @@ def test_help_for_every_command(capsys) -> None:
         assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert "--quick" in text  # the demo's own options
+
+
+def test_demo_help_names_the_command(capsys) -> None:
+    assert main(["demo", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: capaboost-fx demo")
+
+
+def test_inspect_options_have_help_defaults_alpha_trainable(factory, capsys) -> None:
+    assert main(["inspect", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--rank", "8"), ("--num-masks", "2"), ("--density", "0.5"),
+                            ("--alpha", "16.0"), ("--mask", "random"), ("--seed", "0"),
+                            ("--trainable", "none"), ("--batch-size", "2")):
+        assert option in text and f"(default: {default})" in text.split(option, 2)[-1][:600]
+    assert main(["inspect", "--model", factory, "--targets", "0", "--rank", "2",
+                 "--alpha", "4", "--trainable", "2"]) == 0
+    assert "| 0 | linear | 8 | 16 | 2 | 2 |" in capsys.readouterr().out
+
+
+def test_inspect_options_override_spec_file(factory, tmp_path, capsys) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"targets": ["2"], "rank": 2, "num_masks": 3}))
+    assert main(["inspect", "--model", factory, "--spec", str(spec), "--num-masks", "4"]) == 0
+    assert "| 2 | linear | 16 | 4 | 2 | 4 |" in capsys.readouterr().out
+    assert main(["inspect", "--model", factory, "--rank", "2"]) == 1
+    assert "no targets" in capsys.readouterr().err
+
+
+def test_missing_model_directory_says_it_does_not_exist(tmp_path, capsys) -> None:
+    missing = str(tmp_path / "no_such_model")
+    assert main(["inspect", "--model", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such directory" in err and "expected" not in err
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert main(["inspect", "--model", str(tmp_path / "weights.bin")]) == 1
+    assert "is a file" in capsys.readouterr().err
