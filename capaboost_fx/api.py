@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Mapping
@@ -15,25 +16,28 @@ from torch import nn
 from .adapter import CapaBoostAdapter
 from .errors import (
     AlreadyTransformedError,
+    CaptureError,
     InputError,
     SpecTypeError,
     TargetNotFoundError,
     close_names,
 )
 from .masks import make_masks
-from .model import CapaBoostModel, FoldedModel
+from .model import BlockProgram, CapaBoostModel, FoldedModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
     default_dynamic_shapes,
     export_graph,
-    private_copy,
+    meta_twin,
+    replace_tensor,
+    shared_shell,
     specialized_dims,
+    to_meta,
 )
 from .passes.match import Candidate, check, find_candidates, select
-from .passes.rewrite import adapter_key, rewrite
+from .passes.rewrite import adapter_path, rewrite
+from .passes.split import split_blocks
 from .spec import Spec, pattern_matches
-
-MODES = ("train", "eval")
 
 
 def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
@@ -62,7 +66,7 @@ def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tu
 
 
 def _check_model(model: Any) -> None:
-    if isinstance(model, (CapaBoostModel, FoldedModel)):
+    if isinstance(model, GraphProgram):
         raise AlreadyTransformedError(
             f"got a {type(model).__name__}, which capaboost_fx already produced; transform the "
             "original model instead (or fold() this one first and use its .base_model)."
@@ -71,44 +75,120 @@ def _check_model(model: Any) -> None:
         raise SpecTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
 
 
-def _capture(
-    model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any
-) -> tuple[nn.Module, dict[str, Captured]]:
-    holder = private_copy(model)
-    # Capture with every float parameter requiring grad, as in training: some modules take
-    # fused inference fast paths (no visible linear op) when nothing requires grad.
-    for p in holder.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(True)
-    if dynamic_shapes is None:
-        dynamic_shapes = default_dynamic_shapes(holder, args, kwargs)
-        user_shapes = False
-    else:
-        user_shapes = True
-    captured = {m: export_graph(holder, m, args, kwargs, dynamic_shapes) for m in MODES}
-    if str(captured["train"].in_spec) != str(captured["eval"].in_spec) or str(
-        captured["train"].out_spec
-    ) != str(captured["eval"].out_spec):
-        raise InputError(
-            "the model's inputs/outputs are structured differently in train and eval mode; "
-            "capaboost_fx needs one call signature for both."
-        )
-    fixed = specialized_dims(captured["train"])
-    if fixed and not user_shapes:
+def capture(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic_shapes: Any,
+            tag: str = "", warn: bool = True) -> Captured:
+    """One export of the meta twin; dims 0 and 1 of tensor inputs dynamic unless given."""
+    user_shapes = dynamic_shapes is not None
+    if not user_shapes:
+        dynamic_shapes = default_dynamic_shapes(twin, args, kwargs)
+    captured = export_graph(twin, mode, args, kwargs, dynamic_shapes, tag)
+    fixed = specialized_dims(captured)
+    if fixed and not user_shapes and warn:
         warnings.warn(
             f"the capture fixed {fixed} to the example's size, so other sizes will be refused. "
             "Use example inputs with batch >= 2 and sequence >= 2 (and batch != sequence), or "
             "pass dynamic_shapes=...",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return holder, captured
+    return captured
 
 
-def _freeze(holder: nn.Module, trainable: list[str]) -> list[str]:
-    for p in holder.parameters():
-        p.requires_grad_(False)
-    modules = [n for n, _ in holder.named_modules() if n]
-    params = [n for n, _ in holder.named_parameters()]
+# ----------------------------------------------------------------------------- blocks
+
+
+def auto_blocks(model: nn.Module) -> list[str]:
+    """Transformer layers: modules of the classes a Hugging Face model lists in
+    ``_no_split_modules``, else the entries of every outermost ``nn.ModuleList`` of >= 2."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = [n for n, m in model.named_modules() if n and type(m).__name__ in names]
+    if not found:
+        for n, m in model.named_modules():
+            if isinstance(m, nn.ModuleList) and len(m) >= 2:
+                found += [f"{n}.{i}" if n else str(i) for i in range(len(m))]
+    return _outermost(found)
+
+
+def _outermost(names: list[str]) -> list[str]:
+    out = []
+    for n in dict.fromkeys(names):
+        if not any(n.startswith(o + ".") for o in names if o != n):
+            out.append(n)
+    return out
+
+
+def _by_patterns(model: nn.Module, patterns: Any, what: str) -> list[str]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in model.named_modules() if n]
+    out = []
+    for p in patterns:
+        hits = [n for n in names if pattern_matches(p, n)]
+        if not hits:
+            raise TargetNotFoundError(
+                f"{what} entry {p!r} names no module of the model. Closest names: "
+                f"{close_names(p, names)}. Use globs such as 'model.layers.*'."
+            )
+        out += hits
+    return out
+
+
+def _plan_blocks(twin: nn.Module, blocks: Any, checkpoint: Any,
+                 detected: list[str]) -> tuple[list[str], set[str], set[str]]:
+    """(blocks to split, blocks to checkpoint, blocks the user named explicitly)."""
+    if blocks == "auto":
+        chosen, explicit = auto_blocks(twin), set()
+    elif not blocks:
+        chosen, explicit = [], set()
+    else:
+        chosen = _by_patterns(twin, blocks, "blocks")
+        explicit = set(chosen)
+    if checkpoint is True:
+        ck = list(chosen)
+    elif checkpoint:
+        ck = _by_patterns(twin, checkpoint, "checkpoint")
+        explicit |= set(ck)
+    else:
+        ck = []
+    ck += [n for n in detected if n]  # the model's own checkpointing (HF or torch.utils)
+    order = [n for n, _ in twin.named_modules()]
+    split = _outermost(sorted(set(chosen) | set(ck), key=order.index))
+    ck_blocks = {b for b in split if any(c == b or c.startswith(b + ".") for c in ck)}
+    return split, ck_blocks, explicit
+
+
+def _install_blocks(shell: nn.Module, names: list[str]) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = shell.get_submodule(parent_name) if parent_name else shell
+        original = parent._modules[child]
+        parent._modules[child] = BlockProgram(original, name)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> CapaBoostAdapter:
+    spec = spec.for_target(name)
+    w = c.param
+    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    extra = {k: getattr(spec, k) for k in ("init",) if hasattr(spec, k)}
+    if hasattr(spec, "scaling"):
+        extra["scaling_rule"] = spec.scaling
+    adapter = CapaBoostAdapter(
+        c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
+        dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, dtype=dtype,
+        device=None if device.type == "meta" else device, activation=spec.activation, **extra,
+    )
+    adapter.weight_fqn = c.fqn
+    adapter.layout = c.layout
+    return adapter
+
+
+def _freeze(shell: nn.Module, trainable: list[str]) -> list[str]:
+    """Open ``spec.trainable`` for training on private copies (the caller's tensors are never
+    trained); everything else stays a frozen alias."""
+    modules = [n for n, _ in shell.named_modules() if n]
+    params = [n for n, _ in shell.named_parameters()]
     opened = []
     for pattern in trainable:
         hits = [n for n in modules if pattern_matches(pattern, n)]
@@ -119,27 +199,81 @@ def _freeze(holder: nn.Module, trainable: list[str]) -> list[str]:
                 f"Closest names: {close_names(pattern, modules + params)}."
             )
         for n in hits:
-            tensors = (holder.get_submodule(n).parameters() if n in modules
-                       else [holder.get_parameter(n)])
+            tensors = (list(shell.get_submodule(n).parameters()) if n in modules
+                       else [shell.get_parameter(n)])
             for p in tensors:
-                if p.is_floating_point():
-                    p.requires_grad_(True)
+                if p.is_floating_point() and not p.requires_grad:
+                    own = nn.Parameter(p.detach().clone(), requires_grad=True)
+                    replace_tensor(shell, p, own)
             opened.append(n)
     return opened
 
 
-def _make_adapter(name: str, c: Candidate, spec: Spec) -> CapaBoostAdapter:
-    spec = spec.for_target(name)
-    w = c.param
-    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-    adapter = CapaBoostAdapter(
-        c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
-        dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, dtype=dtype,
-        device=w.device, activation=spec.activation,
-    )
-    adapter.weight_fqn = c.fqn
-    adapter.layout = c.layout
-    return adapter
+def _privatize_mutated(shell: nn.Module, captured: Captured) -> None:
+    """Buffers the graph writes (batch-norm statistics) get private copies: training must not
+    write into the caller's model."""
+    for fqn in captured.mutated_buffers:
+        owner, _, attr = fqn.rpartition(".")
+        module = shell.get_submodule(owner) if owner else shell
+        old = module._buffers.get(attr)
+        if old is not None and not getattr(old, "_capaboost_private", False):
+            new = old.clone()
+            new._capaboost_private = True
+            replace_tensor(shell, old, new)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None:
+    """Rewrite, split and install one captured graph into `variant` of `tm`."""
+    mode, graph = captured.mode, captured.graph
+    adapters = tm.adapters()
+    candidates = find_candidates({mode: graph}, tm._twin)
+    targets = {}
+    for name in adapters:
+        cand = candidates.get(name)
+        if cand is None or not cand.sites.get(mode):
+            raise CaptureError(
+                f"target {name!r} has no linear op in the graph captured in {mode} mode for "
+                "this call; the model computes it differently here, so its adapter cannot apply."
+            )
+        targets[name] = cand
+    rewrite(graph, targets, mode)
+    variant.flat[mode] = copy.deepcopy(graph, {id(variant.in_spec): variant.in_spec,
+                                               id(variant.out_spec): variant.out_spec})
+    plan = tm.capture_info["blocks"]
+    split = split_blocks(graph, plan, variant.key)
+    blocks = tm.blocks()
+    for b, g in split.blocks.items():
+        blocks[b].add_graph(variant.key, mode, g)
+    refused_explicit = {b: w for b, w in split.refused.items()
+                        if b in tm.capture_info["explicit_blocks"]}
+    if refused_explicit:
+        raise CaptureError(
+            f"cannot make {sorted(refused_explicit)[:3]} blocks: {refused_explicit}. Name "
+            "modules that are called once per forward (e.g. 'model.layers.*')."
+        )
+    tm.capture_info["refused_blocks"].update(split.refused)
+    for k, v in captured.constants.items():
+        tm.capaboost_constants.register_buffer(k, v, persistent=False)
+    _privatize_mutated(tm.base_model, captured)
+    variant.graphs[mode] = split.root
+
+
+def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
+                   variant: Variant | None) -> Variant:
+    """Capture what a call needs and is missing (a new argument structure, or the other mode)."""
+    key = len(tm._variants) if variant is None else variant.key
+    t0 = time.perf_counter()
+    captured = capture(tm._twin, mode, args, kwargs, None, tag=f"v{key}_", warn=False)
+    if variant is None:
+        variant = Variant(key, captured.in_spec, captured.out_spec,
+                          example=(to_meta(tuple(args)), to_meta(dict(kwargs))))
+    _add_graph(tm, variant, captured)
+    tm.capture_info.setdefault("later_captures", []).append(
+        {"mode": mode, "variant": key, "seconds": round(time.perf_counter() - t0, 3)})
+    return variant
 
 
 def transform(
@@ -148,12 +282,25 @@ def transform(
     example_inputs: Any = (),
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    *,
+    blocks: Any = "auto",
+    checkpoint: Any = None,
 ) -> CapaBoostModel:
     """Capture `model` and rewrite the linear ops `spec` names into CapaBoost training form.
 
-    Returns a new module; `model` is never changed. Call the result with the same argument
-    structure as the example (batch and sequence length may differ); it returns what `model`
-    returns. Only the adapters and ``spec.trainable`` require grad.
+    Returns a new module; `model` is never changed, and its weights are not copied: the
+    training module reads them in place (train the training module, not `model`, while it
+    lives). Call the result as you call `model`; it returns what `model` returns. A call with
+    an argument structure not seen yet (``tm(ids)`` after an example with ``labels``) is
+    captured once, on a meta copy of the model. Only the adapters and ``spec.trainable``
+    require grad.
+
+    ``blocks``: the modules that become separately callable blocks (``fully_shard`` each,
+    checkpoint each): ``"auto"`` (transformer layers: ``_no_split_modules`` or ModuleList
+    entries), a list of patterns such as ``["model.layers.*"]``, or None.
+    ``checkpoint``: activation checkpointing per block: ``True`` (every block) or patterns.
+    A model whose own checkpointing is on (``gradient_checkpointing_enable()``,
+    ``torch.utils.checkpoint`` in its blocks) keeps it without asking.
 
     Example:
         >>> import torch, capaboost_fx as cbx
@@ -169,28 +316,47 @@ def transform(
         raise SpecTypeError(f"spec must be a capaboost_fx.Spec, got {type(spec).__name__}.")
     args, kwargs = _inputs(example_inputs, example_kwargs)
     t0 = time.perf_counter()
-    holder, captured = _capture(model, args, kwargs, dynamic_shapes)
-    graphs = {m: c.graph for m, c in captured.items()}
-    candidates = find_candidates(graphs, holder)
+    twin = meta_twin(model)
+    captured = capture(twin, "train", args, kwargs, dynamic_shapes, tag="v0_")
+    candidates = find_candidates({"train": captured.graph}, twin)
     selection = select(candidates, spec)
     check(selection, candidates, spec)
-    adapters = {adapter_key(n): _make_adapter(n, c, spec) for n, c in selection.targets.items()}
-    rewritten = {m: rewrite(graphs[m], selection.targets, m) for m in MODES}
-    trainable = _freeze(holder, spec.trainable)
-    constants = {k: v for c in captured.values() for k, v in c.constants.items()}
+
+    shell = shared_shell(model)
+    device = next((p.device for p in shell.parameters()), torch.device("cpu"))
+    trainable = _freeze(shell, spec.trainable)
+    for name, c in selection.targets.items():
+        owner_path, _, child = adapter_path(c.fqn).rpartition(".")
+        owner = shell.get_submodule(owner_path) if owner_path else shell
+        owner.add_module(child, _make_adapter(name, c, spec, device))
+    split, ck, explicit = _plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
+    _install_blocks(shell, split)
     info = {
         "targets": list(selection.targets),
-        "sites": {m: len(v) for m, v in rewritten.items()},
         "skipped": selection.skipped,
         "trainable": trainable,
-        "capture_seconds": {m: round(c.seconds, 3) for m, c in captured.items()},
-        "transform_seconds": round(time.perf_counter() - t0, 3),
-        "dynamic_ranges": captured["train"].range_constraints,
+        "blocks": split,
+        "explicit_blocks": sorted(explicit),
+        "checkpointed": sorted(ck),
+        "refused_blocks": {},
+        "export_seconds": round(captured.seconds, 3),
+        "dynamic_ranges": captured.range_constraints,
     }
-    holder.train(model.training)
-    tm = CapaBoostModel(holder, adapters, graphs, constants, captured["train"].in_spec,
-                        captured["train"].out_spec, spec, info)
+    shell.train(model.training)
+    tm = CapaBoostModel(shell, {}, spec, info, twin)
+    variant = Variant(0, captured.in_spec, captured.out_spec,
+                      example=(to_meta(tuple(args)), to_meta(dict(kwargs))))
+    _add_graph(tm, variant, captured)
+    tm._add_variant(variant)
+    for name, block in tm.blocks().items():
+        block.checkpoint = name in ck
+    lost = sorted(b for b in ck if b in info["refused_blocks"])
+    if lost:
+        warnings.warn(f"cannot checkpoint {lost}: {info['refused_blocks'][lost[0]]}",
+                      stacklevel=2)
+    tm._build = _build_variant
     tm.train(model.training)
+    info["transform_seconds"] = round(time.perf_counter() - t0, 3)
     return tm
 
 
@@ -244,8 +410,9 @@ def inspect(
     args, kwargs = _inputs(example_inputs, example_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        holder, captured = _capture(model, args, kwargs, dynamic_shapes)
-    candidates = find_candidates({m: c.graph for m, c in captured.items()}, holder)
+        twin = meta_twin(model)
+        captured = capture(twin, "train", args, kwargs, dynamic_shapes)
+    candidates = find_candidates({"train": captured.graph}, twin)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
     selection = select(candidates, probe)
     report = InspectReport(unmatched_patterns=selection.unmatched if spec else [])

@@ -1,20 +1,238 @@
-"""The modules capaboost_fx returns: `CapaBoostModel` (training) and `FoldedModel` (deploy)."""
+"""The modules capaboost_fx returns, and how they run captured graphs.
+
+`GraphProgram` compiles fx graphs into Python bound to the module itself (as
+``fx.GraphModule`` does), so every parameter is looked up at call time: ``.to()``, DDP, FSDP2,
+``load_state_dict`` act on one state, seen by every graph.
+
+- `CapaBoostModel` (training): its ``base_model`` is a shell of your model over your storage,
+  with one `CapaBoostAdapter` registered beside each adapted weight and each *block*
+  (transformer layer) replaced by a `BlockProgram` that runs that block's slice of the graph,
+  so ``fully_shard(block)`` and per-block checkpointing work as on an eager model.
+- `FoldedModel` (deploy): the captured eval graph with merged weights, nothing else.
+
+Both keep one *variant* per argument structure seen (``tm(ids)``, ``tm(input_ids=...,
+labels=...)``) and per mode; a call with a structure not seen yet captures it once, with the
+same state, as ``torch.compile`` recompiles on a guard failure.
+"""
 
 from __future__ import annotations
 
+import copy
+import inspect
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
+from torch.fx.graph_module import _forward_from_src
+from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
 
 from .adapter import CapaBoostAdapter
-from .passes.capture import BASE, CONSTANTS
-from .passes.modes import GraphProgram
-from .passes.rewrite import ADAPTERS, DENSE
-from .spec import Spec
+from .errors import CapaBoostError, InputError
 
 
-def _constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
+def _compile(graph: fx.Graph) -> tuple[Callable[..., Any], str]:
+    if type(graph._codegen) is not fx.graph.CodeGen:
+        # Inputs are flattened/unflattened by the Variant against its own pytree specs.
+        graph._codegen = fx.graph.CodeGen()
+    py = graph.python_code(root_module="self")
+    return _forward_from_src(py.src, py.globals, getattr(graph, "_co_fields", {})), py.src
+
+
+class _Unpicklable:
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise CapaBoostError(
+            f"{type(self).__name__} cannot be pickled (torch.save(module)): it runs compiled "
+            "graphs. Save what it holds instead: capaboost_fx.save_adapter(train_model, path) "
+            "for the adapter, or capaboost_fx.merged_state_dict(train_model) / "
+            "deploy.base_model.save_pretrained(...) for merged weights."
+        )
+
+
+@dataclass
+class Variant:
+    """The graphs captured for one argument structure, per mode."""
+
+    key: int
+    in_spec: Any
+    out_spec: Any
+    graphs: dict[str, fx.Graph] = field(default_factory=dict)  # what runs (split)
+    flat: dict[str, fx.Graph] = field(default_factory=dict)  # rewritten, unsplit (for fold)
+    fns: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    code: dict[str, str] = field(default_factory=dict)
+    example: tuple = ((), {})  # meta copies of the inputs it was captured with
+
+    def compile(self) -> None:
+        for mode, g in self.graphs.items():
+            self.fns[mode], self.code[mode] = _compile(g)
+
+    def run(self, mode: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
+        return pytree.tree_unflatten(list(self.fns[mode](module, *flat)), self.out_spec)
+
+    def signature(self) -> inspect.Signature:
+        arg_spec, kw_spec = self.in_spec.children()
+        P = inspect.Parameter
+        params = [P(f"arg{i}", P.POSITIONAL_ONLY) for i in range(arg_spec.num_children)]
+        params += [P(k, P.KEYWORD_ONLY if arg_spec.num_children else P.POSITIONAL_OR_KEYWORD)
+                   for k in kw_spec.context]
+        return inspect.Signature(params)
+
+    def matches(self, args: tuple, kwargs: dict) -> bool:
+        """Same argument structure as captured: positions, keyword names, nesting, and
+        non-tensor leaves in the same places (sizes may differ)."""
+        arg_spec, kw_spec = self.in_spec.children()
+        names = kw_spec.context
+        if set(kwargs) != set(names):
+            return False
+        ordered = {k: kwargs[k] for k in names}
+        return pytree.tree_structure((tuple(args), ordered)) == self.in_spec
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("fns", "code")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, fns={}, code={})
+        self.compile()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Variant:
+        for s in (self.in_spec, self.out_spec):  # pytree specs are immutable: share them
+            memo[id(s)] = s
+        new = Variant.__new__(Variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+
+class GraphProgram(_Unpicklable, nn.Module):
+    """Base of the training and deploy modules: variants of graphs, compiled against ``self``.
+    `_build(mode, args, kwargs, variant)` (set by the pipeline) captures what is missing."""
+
+    _build: Callable[..., Variant] | None = None
+
+    def _init_program(self) -> None:
+        object.__setattr__(self, "_variants", [])
+
+    def _add_variant(self, variant: Variant) -> None:
+        variant.compile()
+        if all(v is not variant for v in self._variants):
+            self._variants.append(variant)
+        if len(self._variants) == 1:
+            self._expose_signature(variant)
+
+    def _expose_signature(self, variant: Variant) -> None:
+        # Tools such as the HF Trainer read forward's signature to route batch columns.
+        def forward(self: GraphProgram, *args: Any, **kwargs: Any) -> Any:
+            return type(self).forward(self, *args, **kwargs)
+
+        forward.__signature__ = variant.signature()  # type: ignore[attr-defined]
+        self.__dict__["forward"] = types.MethodType(forward, self)
+
+    def mode(self) -> str:
+        return "train" if self.training else "eval"
+
+    def variant_for(self, args: tuple, kwargs: dict, mode: str | None = None) -> Variant:
+        """The variant that runs these inputs in `mode`, captured now if missing."""
+        mode = mode or self.mode()
+        found = next((v for v in self._variants if v.matches(args, kwargs)), None)
+        if found is not None and mode in found.fns:
+            return found
+        if self._build is None:
+            raise InputError(
+                f"{type(self).__name__} holds no graph for this call in {mode} mode and cannot "
+                "capture one. Call it with the argument structure it was built with."
+            )
+        variant = self._build(self, mode, args, kwargs, found)
+        self._add_variant(variant)
+        return variant
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        mode = self.mode()
+        if torch.compiler.is_compiling():
+            variant = next(v for v in self._variants if mode in v.fns)
+        else:
+            variant = self.variant_for(args, kwargs, mode)
+        return variant.run(mode, self, args, kwargs)
+
+    @property
+    def graphs(self) -> dict[str, fx.Graph]:
+        """The fx graph of each mode of the first argument structure."""
+        return self._variants[0].graphs
+
+    @property
+    def code(self) -> dict[str, str]:
+        """The Python each mode's graph compiles to (first argument structure)."""
+        return self._variants[0].code
+
+    @property
+    def _in_spec(self) -> Any:
+        return self._variants[0].in_spec
+
+    @property
+    def _out_spec(self) -> Any:
+        return self._variants[0].out_spec
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphProgram:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "forward"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        if new._variants:
+            new._expose_signature(new._variants[0])
+        return new
+
+
+class BlockProgram(GraphProgram):
+    """One block (e.g. ``model.layers.3``) of the training module: the block's own parameters,
+    buffers and submodules (adapters included) under their original names, and its slice of
+    each captured graph. Call it as the root graph does: ``block(key, *inputs)``.
+    ``checkpoint = True`` recomputes the block in backward (activation checkpointing)."""
+
+    def __init__(self, original: nn.Module, name: str) -> None:
+        super().__init__()
+        self._init_program()
+        # Adopt the original block's state as is: same tensors, same names.
+        self._parameters = original._parameters
+        self._buffers = original._buffers
+        self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        self._modules = original._modules
+        self.training = original.training
+        self.block_name = name
+        self.block_type = type(original).__name__
+        self.checkpoint = False
+        object.__setattr__(self, "_fns", {})
+
+    def add_graph(self, key: int, mode: str, graph: fx.Graph) -> None:
+        self._fns[(key, mode)] = _compile(graph)[0]
+        self._graphs_src = getattr(self, "_graphs_src", {})
+        self._graphs_src[(key, mode)] = graph
+
+    def forward(self, key: int, *args: Any) -> Any:  # type: ignore[override]
+        fn = self._fns[(key, self.mode())]
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return torch_checkpoint.checkpoint(fn, self, key, *args, use_reentrant=False)
+        return fn(self, key, *args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockProgram:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fns", "forward")}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        object.__setattr__(new, "_fns", {k: _compile(g)[0]
+                                         for k, g in new.__dict__.get("_graphs_src", {}).items()})
+        return new
+
+    def extra_repr(self) -> str:
+        return f"block={self.block_name!r} ({self.block_type}), checkpoint={self.checkpoint}"
+
+
+def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
     holder = nn.Module()
     for key, value in constants.items():
         holder.register_buffer(key, value, persistent=False)  # moves with .to(), never saved
@@ -22,64 +240,58 @@ def _constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
 
 
 class CapaBoostModel(GraphProgram):
-    """The training module `transform` returns.
+    """The training module `transform` returns. Call it exactly as you call your model
+    (any argument structure; a new one is captured once); ``.train()`` / ``.eval()`` behave
+    as on your model.
 
-    State: ``base_model`` (a private, frozen copy of your model; ``spec.trainable`` stays
-    trainable), ``capaboost`` (one `CapaBoostAdapter` per target). Call it exactly as you
-    would call your model; ``.train()`` / ``.eval()`` behave as on your model.
-    """
+    State: ``base_model``, a shell of your model whose frozen parameters and buffers share
+    your model's storage (nothing is copied; ``spec.trainable`` parameters are private
+    copies), with a `CapaBoostAdapter` registered beside each adapted weight (as
+    ``<owner>.capaboost``) and each block a `BlockProgram` (``blocks()``)."""
 
-    def __init__(
-        self,
-        base_model: nn.Module,
-        adapters: dict[str, CapaBoostAdapter],
-        graphs: dict[str, fx.Graph],
-        constants: dict[str, torch.Tensor],
-        in_spec: Any,
-        out_spec: Any,
-        spec: Spec,
-        info: dict[str, Any],
-    ) -> None:
+    def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
+                 spec: Any, info: dict[str, Any], twin: nn.Module) -> None:
         super().__init__()
-        setattr(self, BASE, base_model)
-        setattr(self, ADAPTERS, nn.ModuleDict(adapters))
-        setattr(self, CONSTANTS, _constants_module(constants))
+        self._init_program()
+        self.base_model = base_model
+        self.capaboost_constants = constants_module(constants)
         self.spec = spec
         self.capture_info = info
-        self._install(graphs, in_spec, out_spec)
+        object.__setattr__(self, "_twin", twin)  # meta copy of your model: captures run on it
+
+    def adapters(self) -> dict[str, CapaBoostAdapter]:
+        return {m.name: m for m in self.modules() if isinstance(m, CapaBoostAdapter)}
+
+    def blocks(self) -> dict[str, BlockProgram]:
+        """``{name: block}``: the modules to give ``fully_shard`` or checkpointing, in order."""
+        return {m.block_name: m for m in self.base_model.modules() if isinstance(m, BlockProgram)}
 
     def extra_repr(self) -> str:
-        return f"targets={len(self.capaboost)}, spec={self.spec}"
+        return (f"targets={len(self.adapters())}, blocks={len(self.blocks())}, "
+                f"spec={self.spec}")
 
 
 class FoldedModel(GraphProgram):
     """The deploy module `fold` returns: the captured eval graph of your model with merged
-    weights and nothing else. ``base_model`` is an eager copy of your model holding the merged
-    weights (``deploy.base_model.save_pretrained(...)`` works for Hugging Face models).
-    It is inference-only: it always runs the eval graph. Nonlinear parallel adapters
-    (``method="padapter"``) cannot merge into a weight: they stay as one dense width-d·r
-    adapter each, in ``capaboost_dense``."""
+    weights and nothing else. ``base_model`` is your model's own class and structure holding
+    the merged weights (``deploy.base_model.save_pretrained(...)`` works for Hugging Face
+    models); every weight that was not adapted is shared with the training module, not copied.
+    Inference-only: it always runs the eval graph. Nonlinear parallel adapters
+    (``method="padapter"``) stay as one dense width-d·r adapter each, in ``capaboost_dense``."""
 
-    def __init__(
-        self,
-        base_model: nn.Module,
-        graph: fx.Graph,
-        constants: dict[str, torch.Tensor],
-        in_spec: Any,
-        out_spec: Any,
-        dense: dict[str, nn.Module] | None = None,
-    ) -> None:
+    def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
+                 dense: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
-        setattr(self, BASE, base_model)
-        setattr(self, CONSTANTS, _constants_module(constants))
+        self._init_program()
+        self.base_model = base_model
+        self.capaboost_constants = constants_module(constants)
         if dense:
-            setattr(self, DENSE, nn.ModuleDict(dense))
-        self._install({"eval": graph}, in_spec, out_spec)
+            self.capaboost_dense = nn.ModuleDict(dense)
         self.eval()
 
     @property
     def graph(self) -> fx.Graph:
-        return self._graphs["eval"]
+        return self._variants[0].graphs["eval"]
 
     def mode(self) -> str:
         return "eval"

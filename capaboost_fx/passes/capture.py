@@ -1,38 +1,48 @@
-"""Capture: ``nn.Module`` -> one ATen-level ``fx.Graph`` per mode, over one shared state.
+"""Capture: ``nn.Module`` -> one ATen-level ``fx.Graph`` per (mode, argument structure).
 
-``torch.export.export(..., strict=False)`` evaluates every ``if self.training:`` branch once
-(dropout, attention dropout, drop path, batch-norm statistics) and bakes the result into the
-graph. So the model is captured twice, in train mode and in eval mode, and both graphs are
-retargeted onto ONE private copy of the model (``base_model.<fqn>``): they share every
-parameter and buffer, and ``.train()`` / ``.eval()`` only choose which graph runs.
+Nothing here copies a weight. The model is exported from a *meta twin*: a copy of the module
+tree whose parameters and buffers are meta tensors (shapes and dtypes only), with the example
+inputs turned into meta tensors too, so capture costs no memory whatever the model size, works
+the same for models built on the meta device, and can run again later (a new argument
+structure, the other mode) even when the real weights are sharded by FSDP2.
 
-Batch size and sequence length are dynamic by default (``Dim.AUTO`` on dims 0 and 1 of
-every tensor input): the captured graph accepts shapes other than the example's.
+The graph's ``get_attr`` nodes are retargeted to ``base_model.<fqn>``: at run time they read
+the training module's *shell* (`shared_shell`), a second copy of the module tree whose frozen
+parameters are new ``nn.Parameter`` objects over the caller's storage.
+
+``torch.export`` bakes every ``if self.training:`` branch, so each mode is captured separately.
+It also traces through ``torch.utils.checkpoint``; `export_graph` records which modules were
+checkpointed (Hugging Face ``gradient_checkpointing_enable()`` or the user's own
+``checkpoint(...)`` calls) so the training module can checkpoint them again, per block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, InputError
 
-BASE = "base_model"  # attribute that holds the shared copy of the user's model
+BASE = "base_model"  # attribute that holds the training module's shell of the user's model
 CONSTANTS = "capaboost_constants"  # lifted tensor constants of the captured graphs
+MODES = ("train", "eval")
 
 
 @dataclass
 class Captured:
-    """One mode's capture: the graph (get_attr targets rooted at ``base_model.``) and what the
+    """One capture: the graph (get_attr targets rooted at ``base_model.``) and what the
     generated code needs besides the shared state."""
 
     mode: str
@@ -41,36 +51,100 @@ class Captured:
     out_spec: Any
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     range_constraints: dict[str, str] = field(default_factory=dict)
+    mutated_buffers: list[str] = field(default_factory=list)
+    checkpointed: list[str] = field(default_factory=list)  # modules run under checkpoint
     seconds: float = 0.0
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """The copy every pass works on: the caller's model is never touched."""
+# --------------------------------------------------------------------------- state copies
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        yield name, p, True
+    for name, b in model.named_buffers(remove_duplicate=False):
+        yield name, b, False
+
+
+def _deepcopy(model: nn.Module, memo: dict[int, Any], what: str) -> nn.Module:
     try:
-        holder = copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as e:  # pragma: no cover - exotic modules
         raise CaptureError(
-            f"could not copy the model ({type(e).__name__}: {e}); capaboost_fx never changes "
-            "the caller's model, so it needs copy.deepcopy(model) to work."
+            f"could not build the {what} of the model ({type(e).__name__}: {e}); capaboost_fx "
+            "never changes the caller's model, so it needs copy.deepcopy(model) to work."
         ) from e
-    config = getattr(holder, "config", None)
-    # Decoder models return a KV-cache object when use_cache is on; training needs none.
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False
-    return holder
+
+
+def _no_cache(module: nn.Module) -> nn.Module:
+    """Decoder models return a KV-cache object when use_cache is on; training needs none.
+    Every submodule's config is switched off (T5's decoder stack keeps its own config)."""
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if config is not None and getattr(config, "use_cache", False):
+            config.use_cache = False
+    return module
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """The module tree with every parameter and buffer on the meta device: what export runs on."""
+    memo: dict[int, Any] = {}
+    for _, t, is_param in _tensors(model):
+        if id(t) in memo:
+            continue
+        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.is_floating_point()) if is_param else meta
+    return _no_cache(_deepcopy(model, memo, "meta twin"))
+
+
+def shared_shell(model: nn.Module) -> nn.Module:
+    """The module tree over the caller's storage: each parameter becomes a new frozen
+    ``nn.Parameter`` aliasing the same tensor data (so flags set on it never reach the
+    caller's parameters), buffers are shared as they are. No weight is copied."""
+    memo: dict[int, Any] = {}
+    for _, t, is_param in _tensors(model):
+        if id(t) not in memo:
+            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if is_param else t
+    return _no_cache(_deepcopy(model, memo, "training shell"))
+
+
+def replace_tensor(root: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put `new` wherever `old` is registered (tied aliases included)."""
+    for m in root.modules():
+        for d in (m._parameters, m._buffers):
+            for k, v in d.items():
+                if v is old:
+                    d[k] = new
+
+
+def to_meta(tree: Any) -> Any:
+    """Example inputs as contiguous meta tensors (strides of a view never leak into a graph)."""
+    def conv(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x
+    return pytree.tree_map(conv, tree)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
+    sig = inspect.signature(model.forward)
+    try:
+        return sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(
+            f"inputs do not fit {type(model).__name__}.forward{sig}: {e}. Pass the arguments "
+            "as you would call the model."
+        ) from None
 
 
 def default_dynamic_shapes(
     model: nn.Module, args: tuple, kwargs: Mapping[str, Any]
 ) -> dict[str, Any] | None:
     """``Dim.AUTO`` on dims 0 and 1 (batch, sequence) of every tensor input, by parameter name."""
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise InputError(
-            f"example inputs do not fit {type(model).__name__}.forward{inspect.signature(model.forward)}: "
-            f"{e}. Pass example_inputs=(...) and/or example_kwargs={{...}} as you would call the model."
-        ) from None
+    bound = bind_inputs(model, args, kwargs)
 
     def spec_of(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -90,83 +164,200 @@ def default_dynamic_shapes(
     return out
 
 
+# --------------------------------------------------------------------------- checkpoint regions
+
+
+class _CheckpointRecorder:
+    """While exporting: a module call stack (global forward hooks) and, for every
+    ``torch.utils.checkpoint`` region, the module it checkpoints. The region runs its function
+    directly, so export records the plain ops."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.found: list[str] = []
+
+    def _module_of(self, fn: Any) -> str | None:
+        while isinstance(fn, __import__("functools").partial):
+            fn = fn.func
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module) and id(owner) in self.names:
+            return self.names[id(owner)]
+        return self.stack[-1] if self.stack else None
+
+    def _record(self, fn: Any) -> None:
+        name = self._module_of(fn)
+        if name is not None and name not in self.found:
+            self.found.append(name)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        recorder = self
+
+        def pre(module: nn.Module, args: Any) -> None:
+            recorder.stack.append(recorder.names.get(id(module), "?"))
+
+        def post(module: nn.Module, args: Any, out: Any) -> None:
+            if recorder.stack:
+                recorder.stack.pop()
+
+        def checkpoint(function: Any, *args: Any, use_reentrant: Any = None,
+                       context_fn: Any = None, determinism_check: Any = None,
+                       debug: Any = None, early_stop: Any = None,
+                       preserve_rng_state: Any = None, **kwargs: Any) -> Any:
+            recorder._record(function)
+            return function(*args, **kwargs)
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+                   nn.modules.module.register_module_forward_hook(post)]
+        saved = torch_checkpoint.checkpoint
+        # Hugging Face keeps `functools.partial(checkpoint, ...)` made before capture; its
+        # layers carry `gradient_checkpointing = True`, which `hf_checkpointed` reads instead.
+        torch_checkpoint.checkpoint = checkpoint
+        try:
+            yield
+        finally:
+            torch_checkpoint.checkpoint = saved
+            for h in handles:
+                h.remove()
+
+
+def hf_checkpointed(model: nn.Module) -> list[str]:
+    """Innermost modules with Hugging Face's ``gradient_checkpointing`` flag on."""
+    flagged = [n for n, m in model.named_modules()
+               if getattr(m, "gradient_checkpointing", False) is True and n]
+    return [n for n in flagged if not any(o.startswith(n + ".") for o in flagged)]
+
+
+@contextlib.contextmanager
+def _hf_checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Trace checkpointed HF layers as plain code (their wrappers call a pre-bound function)."""
+    saved = [(m, m.gradient_checkpointing) for m in model.modules()
+             if getattr(m, "gradient_checkpointing", False) is True]
+    for m, _ in saved:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m, v in saved:
+            m.gradient_checkpointing = v
+
+
+# --------------------------------------------------------------------------- export
+
+
 def _explain_failure(model: nn.Module, mode: str, err: Exception) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     lines = text.splitlines()
     short = "\n    ".join(lines[:12]) + ("\n    ..." if len(lines) > 12 else "")
-    hints = [
-        "pass example inputs shaped as in real use (batch >= 2, sequence >= 2, batch != sequence)",
-        "pass dynamic_shapes=... to fix which dims may vary (see torch.export.Dim), or "
-        "dynamic_shapes={} ... to capture static shapes",
-    ]
+    hints = []
     if "Cache" in text or "past_key_values" in text:
-        hints.insert(0, "the model returns a KV cache: set model.config.use_cache = False")
+        hints.append("the model returns a KV cache: pass use_cache=False in the example, or "
+                     "set model.config.use_cache = False")
     if "data-dependent" in text.lower() or "GuardOnDataDependent" in text:
-        hints.insert(0, "the model branches on tensor values; torch.export needs torch._check "
-                        "or torch.cond there (see torch.export docs on data-dependent control flow)")
+        hints.append("the model branches on tensor values; torch.export needs torch._check "
+                     "or torch.cond there (see torch.export docs on data-dependent control flow)")
+    if "meta" in text.lower() and ("device" in text.lower() or "item" in text.lower()):
+        hints.append("capture runs on meta tensors (no weights are touched); the model reads a "
+                     "tensor's values or device while tracing, which torch.export cannot do")
     if "Constraints violated" in text or "specialized" in text.lower():
-        hints.insert(0, "a dimension marked dynamic is fixed by the model; drop it from "
-                        "dynamic_shapes or give it a Dim range")
-    return (
-        f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {short}\n"
-        "Try: " + "; or ".join(hints) + "."
-    )
+        hints.append("a dimension marked dynamic is fixed by the model; pass dynamic_shapes=... "
+                     "giving it a Dim range, or dynamic_shapes={} for static shapes")
+    if not hints:
+        hints.append("pass dynamic_shapes=... to fix which dims may vary (see torch.export.Dim), "
+                     "or check that the model runs eagerly with these inputs")
+    return (f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    "
+            f"{short}\nTry: " + "; or ".join(hints) + ".")
 
 
 def export_graph(
-    holder: nn.Module,
+    twin: nn.Module,
     mode: str,
     args: tuple,
     kwargs: Mapping[str, Any],
     dynamic_shapes: Any,
+    tag: str = "",
 ) -> Captured:
-    """Export `holder` in `mode` and retarget its state onto ``base_model.<fqn>``."""
-    import time
-
-    was_training = holder.training
-    holder.train(mode == "train")
+    """Export the meta `twin` in `mode` and retarget its state onto ``base_model.<fqn>``."""
+    was_training = twin.training
+    twin.train(mode == "train")
+    recorder = _CheckpointRecorder(twin)
+    hf = hf_checkpointed(twin) if mode == "train" else []
     t0 = time.perf_counter()
     try:
-        ep = torch.export.export(
-            holder, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False
-        )
+        with recorder.active(), _hf_checkpointing_off(twin):
+            ep = torch.export.export(twin, tuple(to_meta(args)), dict(to_meta(dict(kwargs))),
+                                     dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
-    except CaptureError:
+    except (CaptureError, InputError):
         raise
     except Exception as e:
-        raise CaptureError(_explain_failure(holder, mode, e)) from e
+        raise CaptureError(_explain_failure(twin, mode, e)) from e
     finally:
-        holder.train(was_training)
+        twin.train(was_training)
     seconds = time.perf_counter() - t0
 
-    state_names = {n for n, _ in holder.named_parameters(remove_duplicate=False)}
-    state_names |= {n for n, _ in holder.named_buffers(remove_duplicate=False)}
+    state_names = {n for n, _, _ in _tensors(twin)}
     graph = gm.graph
     constants: dict[str, torch.Tensor] = {}
     for node in list(graph.nodes):
         if node.op == "get_attr":
             if node.target in state_names:
                 node.target = f"{BASE}.{node.target}"
-            else:  # a lifted constant: it lives beside the shared state
-                value = _fetch(gm, node.target)
-                if not isinstance(value, torch.Tensor):
-                    raise CaptureError(
-                        f"captured graph holds a non-tensor constant {node.target!r} "
-                        f"({type(value).__name__}); capaboost_fx cannot share it."
-                    )
-                key = re.sub(r"\W", "_", f"{mode}_{node.target}")
-                constants[key] = value.detach()
-                node.target = f"{CONSTANTS}.{key}"
+                continue
+            value = _fetch(gm, node.target)  # a lifted constant: it lives beside the state
+            if not isinstance(value, torch.Tensor) or value.is_meta:
+                raise CaptureError(
+                    f"captured graph holds a constant {node.target!r} that capaboost_fx cannot "
+                    f"share ({type(value).__name__}{' on the meta device' if isinstance(value, torch.Tensor) else ''})."
+                )
+            key = re.sub(r"\W", "_", f"{tag}{mode}_{node.target}")
+            constants[key] = value.detach()
+            node.target = f"{CONSTANTS}.{key}"
         elif node.op == "call_module" and node.target == "_guards_fn":
-            # Shape guards of this capture: keep them as a plain function call.
             guard = InputGuard(gm._guards_fn.forward, mode, ep.range_constraints)
             node.op, node.target = "call_function", guard
         elif node.op == "call_module":
             raise CaptureError(f"unexpected submodule call {node.target!r} in the captured graph")
-    graph.owning_module = None  # the graph now runs against the shared state, not `gm`
+    _device_follows_inputs(graph)
+    graph.owning_module = None  # the graph now runs against the training module's state
     graph.lint()
     ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
-    return Captured(mode, graph, gm._in_spec, gm._out_spec, constants, ranges, seconds)
+    mutated = sorted(set(ep.graph_signature.buffers_to_mutate.values()))
+    return Captured(mode, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
+                    list(dict.fromkeys(hf + recorder.found)), seconds)
+
+
+def _runtime_device(x: Any) -> torch.device:
+    return x.device
+
+
+def _device_follows_inputs(graph: fx.Graph) -> None:
+    """Capture ran on meta: every ``device=meta`` baked into the graph (arange, full, to,
+    metadata asserts) becomes the device of the first tensor input (or parameter) at run time,
+    so the module runs wherever its state and inputs are."""
+    uses = [n for n in graph.nodes if n.op == "call_function" and (
+        any(isinstance(a, torch.device) for a in n.args) or
+        any(isinstance(v, torch.device) for v in n.kwargs.values()))]
+    if not uses:
+        return
+    source = next((n for n in graph.nodes if n.op == "placeholder"
+                   and isinstance(n.meta.get("val"), torch.Tensor)), None)
+    if source is None:
+        source = next((n for n in graph.nodes if n.op == "get_attr"), None)
+    if source is None:
+        return
+    anchor = source if source.op == "get_attr" else next(
+        n for n in reversed(graph.nodes) if n.op == "placeholder")
+    with graph.inserting_after(anchor):
+        dev = graph.call_function(_runtime_device, (source,))
+
+    def sub(a: Any) -> Any:
+        return dev if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for n in uses:
+        n.args = tuple(sub(a) for a in n.args)
+        n.kwargs = {k: sub(v) for k, v in n.kwargs.items()}
 
 
 def _fetch(module: nn.Module, target: str) -> Any:
@@ -177,8 +368,8 @@ def _fetch(module: nn.Module, target: str) -> Any:
 
 
 class InputGuard:
-    """Runs torch.export's input-shape guards; a violation becomes an `InputError` that says
-    what was captured and how to widen it."""
+    """Runs torch.export's input guards; a violation becomes an `InputError` that says what
+    was captured and how to widen it."""
 
     __name__ = "capaboost_input_guard"
 
@@ -190,11 +381,18 @@ class InputGuard:
         try:
             self.fn(*args)
         except AssertionError as e:
+            text = str(e)
+            shape = "size" in text or "shape" in text or re.search(r"\bs\d+\b", text)
+            if shape:
+                hint = ("Captured dynamic ranges: "
+                        f"{self.ranges or 'none (all shapes static)'}. Re-run transform with "
+                        "example inputs of a typical shape (batch >= 2, batch != sequence "
+                        "length) or pass dynamic_shapes=... with wider Dim ranges.")
+            else:
+                hint = ("This is not a shape: the example fixed a non-tensor argument's value; "
+                        "call with the same value, or leave the argument out of the example.")
             raise InputError(
-                f"input does not fit the shapes captured in {self.mode} mode ({e}). "
-                f"Captured dynamic ranges: {self.ranges or 'none (all shapes static)'}. "
-                "Re-run transform with example inputs of a typical shape (batch >= 2, "
-                "batch != sequence length) or pass dynamic_shapes=... with wider Dim ranges."
+                f"input does not fit the graph captured in {self.mode} mode ({text}). {hint}"
             ) from None
 
     def __repr__(self) -> str:

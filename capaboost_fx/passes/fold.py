@@ -10,15 +10,17 @@ deploy graph is the captured graph of the untouched model again, with merged wei
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError, NotTransformedError
-from ..model import CapaBoostModel, FoldedModel
+from ..model import CapaBoostModel, FoldedModel, Variant
 from .capture import BASE, CONSTANTS
-from .rewrite import adapter_key, unrewrite
+from .match import find_candidates
+from .rewrite import adapter_key, rewrite, unrewrite
 
 
 def _require(train_model: object, what: str) -> CapaBoostModel:
@@ -34,8 +36,7 @@ def _require(train_model: object, what: str) -> CapaBoostModel:
 
 def adapters(train_model: CapaBoostModel) -> dict[str, CapaBoostAdapter]:
     """``{target name: adapter}`` of a training module."""
-    tm = _require(train_model, "adapters()")
-    return {a.name: a for a in tm.capaboost.values()}
+    return _require(train_model, "adapters()").adapters()
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -74,9 +75,41 @@ def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor]) -> nn.Module:
+    """Your model's own structure (from the meta twin) over the training module's tensors:
+    merged weights for targets, private snapshots of what training changed (``trainable``,
+    batch-norm statistics), aliases of everything else (no copy)."""
+    base: nn.Module = getattr(tm, BASE)
+    twin: nn.Module = tm._twin
+    memo: dict[int, object] = {}
+    own = {id(t) for t in tm.parameters() if t.requires_grad}
+    own |= {id(b) for b in base.buffers() if getattr(b, "_capaboost_private", False)}
+    for fqn, t in twin.named_parameters(remove_duplicate=False):
+        if id(t) in memo:
+            continue
+        real = base.get_parameter(fqn)
+        if real.is_meta:
+            raise FoldError(
+                f"{fqn} is still on the meta device: load the model's weights first "
+                "(capaboost_fx.load_base_weights(train_model, checkpoint_dir))."
+            )
+        value = merged.get(fqn)
+        if value is None:
+            value = real.detach().clone() if id(real) in own else real.detach()
+        memo[id(t)] = nn.Parameter(value, requires_grad=False)
+    for fqn, t in twin.named_buffers(remove_duplicate=False):
+        if id(t) in memo:
+            continue
+        real = base.get_buffer(fqn)
+        memo[id(t)] = real.clone() if id(real) in own else real
+    return copy.deepcopy(twin, memo)
+
+
 def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     """Your model's ``state_dict`` keys with merged weights: ``model.load_state_dict(...)``
-    gives an eager model equal to the folded one (e.g. to ``save_pretrained``)."""
+    gives an eager model equal to the folded one (e.g. to ``save_pretrained``). Only the
+    merged target weights are new tensors; the rest share storage with the training module
+    (and, for frozen weights, with your model)."""
     tm = _require(train_model, "merged_state_dict()")
     nonlinear = [n for n, a in adapters(tm).items() if not a.linear]
     if nonlinear:
@@ -84,33 +117,76 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
             f"targets {nonlinear[:3]} use a nonlinear parallel adapter, which no weight of the "
             "original model can hold; use fold() (it keeps a dense width-d·r adapter)."
         )
-    base: nn.Module = getattr(tm, BASE)
-    merged = merged_weights(tm)
-    ids = {id(base.get_parameter(fqn)): w for fqn, w in merged.items()}
-    state = base.state_dict(keep_vars=True)
-    return {k: ids.get(id(v), v).detach().clone() for k, v in state.items()}
+    return _fold_shell(tm, merged_weights(tm)).state_dict()
 
 
-def fold(train_model: CapaBoostModel) -> FoldedModel:
+def _deploy_graph(flat: torch.fx.Graph, spec_memo: dict[int, object],
+                  keep: frozenset[str]) -> torch.fx.Graph:
+    graph = copy.deepcopy(flat, dict(spec_memo))
+    unrewrite(graph, keep=keep)
+    return graph
+
+
+def _constants_of(graphs: list[torch.fx.Graph], tm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    table = dict(getattr(tm, CONSTANTS).named_buffers())
+    prefix = CONSTANTS + "."
+    return {n.target[len(prefix):]: table[n.target[len(prefix):]].detach().clone()
+            for g in graphs for n in g.nodes
+            if n.op == "get_attr" and n.target.startswith(prefix)}
+
+
+def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
+                  variant: Variant | None) -> Variant:
+    """A new argument structure for the deploy module: capture its eval graph on the meta
+    twin; nonlinear adapters stay as dense ones, linear ones are already in the weights."""
+    from ..api import capture  # the pipeline entry; imported late to keep layers one-way
+
+    key = len(fm._variants)
+    captured = capture(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
+    candidates = find_candidates({"eval": captured.graph}, fm._twin)
+    targets = {n: candidates[n] for n in fm._targets if n in candidates}
+    rewrite(captured.graph, targets, "eval")
+    unrewrite(captured.graph, keep=fm._dense_targets)
+    for k, v in captured.constants.items():
+        fm.capaboost_constants.register_buffer(k, v, persistent=False)
+    return Variant(key, captured.in_spec, captured.out_spec, graphs={"eval": captured.graph})
+
+
+def fold(train_model: CapaBoostModel, example_inputs: Any = (),
+         example_kwargs: dict[str, Any] | None = None) -> FoldedModel:
     """The deploy module: the eval graph with merged weights, no adapter, mask or extra op.
+    Only the merged target weights are new memory; other weights are shared.
+
+    Pass the serving call (e.g. ``example_kwargs={"input_ids": ..., "attention_mask": ...}``
+    without labels) to make sure its graph exists; any other call structure is captured on
+    first use.
 
     Example:
         >>> deploy = capaboost_fx.fold(train_model)          # doctest: +SKIP
         >>> deploy(input_ids).logits                          # doctest: +SKIP
     """
     tm = _require(train_model, "fold()")
+    if example_inputs or example_kwargs:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        tm.variant_for(args, dict(example_kwargs or {}), "eval")
+    for v in list(tm._variants):
+        if "eval" not in v.flat:
+            tm._build(tm, "eval", *v.example, v)
+            v.compile()
     merged = merged_weights(tm)
-    base: nn.Module = getattr(tm, BASE)
-    # Copy the base without sharing anything with the training module; merged weights are
-    # put in place of the originals through the memo (tied aliases follow), not copied twice.
-    memo = {id(base.get_parameter(fqn)): nn.Parameter(w, requires_grad=False)
-            for fqn, w in merged.items()}
-    new_base = copy.deepcopy(base, memo)
-    for p in new_base.parameters():
-        p.requires_grad_(False)
-    graph = tm.copy_graph("eval")
+    nonlinear = frozenset(n for n, a in adapters(tm).items() if not a.linear)
     dense = {adapter_key(n): DenseAdapter(a) for n, a in adapters(tm).items() if not a.linear}
-    unrewrite(graph, keep=frozenset(n for n, a in adapters(tm).items() if not a.linear))
-    constants = {k: v.detach().clone() for k, v in getattr(tm, CONSTANTS).named_buffers()
-                 if k.startswith("eval_")}
-    return FoldedModel(new_base, graph, constants, tm._in_spec, tm._out_spec, dense)
+    variants = []
+    for v in tm._variants:
+        memo = {id(v.in_spec): v.in_spec, id(v.out_spec): v.out_spec}
+        variants.append(Variant(v.key, v.in_spec, v.out_spec,
+                                graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)}))
+    constants = _constants_of([v.graphs["eval"] for v in variants], tm)
+    fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
+    for v in variants:
+        fm._add_variant(v)
+    object.__setattr__(fm, "_twin", tm._twin)
+    object.__setattr__(fm, "_targets", tuple(adapters(tm)))
+    object.__setattr__(fm, "_dense_targets", nonlinear)
+    fm._build = _build_folded
+    return fm

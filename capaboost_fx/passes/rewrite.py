@@ -13,15 +13,23 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .capture import BASE
 from .match import Candidate
 
-ADAPTERS = "capaboost"  # ModuleDict of adapters on the training module
 META = "capaboost"
 
 
 def adapter_key(name: str) -> str:
     """ModuleDict key of a target (keys may not contain dots)."""
     return name.replace(".", "/")
+
+
+def adapter_path(weight_fqn: str) -> str:
+    """Where a weight's adapter lives in the model tree: beside the weight, in the module
+    that owns it (``...q_proj.capaboost``; ``...self_attn.capaboost_in_proj_weight``)."""
+    owner, _, attr = weight_fqn.rpartition(".")
+    child = "capaboost" if attr == "weight" else f"capaboost_{attr}"
+    return f"{owner}.{child}" if owner else child
 
 
 def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str) -> list[str]:
@@ -32,10 +40,12 @@ def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str) -> list[s
         for site in cand.sites.get(mode, []):
             y = site.node
             with graph.inserting_after(y):
-                delta = graph.call_module(f"{ADAPTERS}.{adapter_key(name)}", (site.x,))
+                delta = graph.call_module(f"{BASE}.{adapter_path(cand.fqn)}", (site.x,))
             with graph.inserting_after(delta):
                 out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
             y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+            for n in (delta, out):
+                n.meta["nn_module_stack"] = dict(y.meta.get("nn_module_stack") or {})
             delta.meta[META] = {"target": name, "role": "delta"}
             out.meta[META] = {"target": name, "role": "add"}
             changed.append(name)
