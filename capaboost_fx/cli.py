@@ -58,9 +58,9 @@ def _load_factory(spec: str) -> Callable[[], Any]:
                 f"{spec}:FACTORY naming a function in it that returns (model, example_inputs)"
             )
         raise InputError(
-            f"--model {spec!r}: no such directory (relative to {os.getcwd()}). --model is a "
-            "Hugging Face model directory (loaded offline: a hub name must be downloaded and "
-            "saved with save_pretrained first), or module:factory / file.py:factory"
+            f"--model {spec!r}: no such directory (relative to {os.getcwd()}); expected "
+            "module:factory, file.py:factory, or a Hugging Face model directory (loaded "
+            "offline: save a hub model with save_pretrained first)"
         )
     try:
         if module_part.endswith(".py") or os.sep in module_part:
