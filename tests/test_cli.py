@@ -89,3 +89,48 @@ def test_missing_model_directory_says_it_does_not_exist(tmp_path, capsys) -> Non
     (tmp_path / "weights.bin").write_bytes(b"x")
     assert main(["inspect", "--model", str(tmp_path / "weights.bin")]) == 1
     assert "is a file" in capsys.readouterr().err
+
+
+def test_setup_script_skips_pip_when_nothing_changed(tmp_path) -> None:
+    """scripts/setup.sh runs pip on a fresh checkout and after pyproject.toml changes only."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(root / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "fake_python"  # logs pip calls; anything else runs the real Python
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" >> {log}; '
+                    f'exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    maker = tmp_path / "make_venv"  # stands in for `python3 -m venv .venv`
+    maker.write_text(f"#!/bin/sh\nmkdir -p .venv/bin && cp {fake} .venv/bin/python && "
+                     "touch .venv/bin/capaboost-fx && chmod +x .venv/bin/capaboost-fx\n")
+    maker.chmod(0o755)
+
+    def setup() -> int:
+        before = log.read_text().count("\n") if log.exists() else 0
+        env = {**os.environ, "PYTHON": str(maker)}
+        env.pop("FORCE_SETUP", None)
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env=env, check=True)
+        return log.read_text().count("\n") - before
+
+    assert setup() == 3  # fresh: pip, torch, the package
+    assert setup() == 0  # nothing changed
+    with open(tmp_path / "pyproject.toml", "a") as f:
+        f.write("# changed\n")
+    assert setup() == 3
+    assert setup() == 0
+
+
+def test_pyproject_license_is_an_spdx_string() -> None:
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert data["project"]["license"] == "MIT"  # the table form prints a deprecation banner
