@@ -318,20 +318,24 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import inspect
+
     from capaboost_fx import demo
 
-    # The demo builds its own parser (for `python -m capaboost_fx.demo`); name it after the
-    # command the user typed in usage lines and --help.
+    argv, prog = list(args.demo_args), "capaboost-fx demo"  # usage lines name this command
+    if "prog" in inspect.signature(demo.main).parameters:
+        return demo.main(argv, prog=prog)
+    # Older single-module demo (main(argv) only): name its parser through build_parser.
     build = demo.build_parser
 
-    def build_named() -> argparse.ArgumentParser:
-        parser = build()
-        parser.prog = "capaboost-fx demo"
+    def build_named(*a: Any, **k: Any) -> argparse.ArgumentParser:
+        parser = build(*a, **k)
+        parser.prog = prog
         return parser
 
     demo.build_parser = build_named
     try:
-        return demo.main(list(args.demo_args))
+        return demo.main(argv)
     finally:
         demo.build_parser = build
 
