@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import make_masks, stable_seed
+from .spec import scaling_factor
 
 ACTIVATIONS = {
     "identity": nn.Identity,
@@ -56,23 +57,34 @@ class CapaBoostAdapter(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         activation: str = "identity",
+        init: str = "standard",
+        scaling_rule: str = "paper",
     ) -> None:
         super().__init__()
         self.activation = activation
         self.act = ACTIVATIONS[activation]()
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.num_masks, self.density = rank, num_masks, density
-        self.scaling = alpha / rank
+        self.init, self.scaling_rule = init, scaling_rule
+        self.scaling = scaling_factor(alpha, rank, num_masks, density, scaling_rule)
         self.name = name
         self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
-        # Kaiming-uniform A from a local generator (as loralib/PEFT, but reproducible); B = 0,
-        # so the adapted model equals the base model at step 0.
+        # A from a local generator (reproducible); B = 0, so the adapted model equals the base
+        # model at step 0. "standard": kaiming-uniform over A's fan-in `in`, U(±1/√in), as
+        # loralib/PEFT. "official": the official CapaBoost code holds A as nn.Linear(r, in).weight
+        # (in × r, fan-in r) and kaiming-uniforms that, which is U(±1/√r).
         gen = torch.Generator().manual_seed(stable_seed(seed, name, "init"))
-        init = torch.empty(rank, in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=gen)
+        a0 = torch.empty(rank, in_features, dtype=torch.float32)
+        if init == "standard":
+            nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
+        elif init == "official":
+            bound = 1.0 / math.sqrt(rank)
+            a0.uniform_(-bound, bound, generator=gen)
+        else:
+            raise ValueError(f"unknown init {init!r}; allowed: 'standard', 'official'")
         with torch.no_grad():
-            self.A.copy_(init)
+            self.A.copy_(a0)
         self.register_buffer(
             "mask_A", make_masks(mask, (rank, in_features), num_masks, density, seed, name, "A")
             .to(device)
@@ -121,6 +133,7 @@ class CapaBoostAdapter(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
             f"d={self.num_masks}, density={self.density}, scaling={self.scaling:g}"
+            + (f", init={self.init}" if self.init != "standard" else "")
             + (f", activation={self.activation}" if not self.linear else "")
         )
 

@@ -2,8 +2,9 @@
 
 A spec names which linear ops to adapt (``targets``/``exclude``: globs such as ``"*.query"``
 or regexes with a ``re:`` prefix, matched against target names) and how: LoRA rank ``r``,
-``num_masks`` (d) static random masks per factor with ``density``, scaling ``alpha / rank``.
-``num_masks=1, density=1.0`` is plain LoRA.
+``num_masks`` (d) static random masks per factor with ``density``, scaling ``alpha / rank``
+(``scaling="paper"``) or ``alpha / (rank · d · density²)`` (``scaling="normalized"``), and the
+initialisation of A (``init``). ``num_masks=1, density=1.0`` is plain LoRA.
 """
 
 from __future__ import annotations
@@ -24,9 +25,34 @@ from .masks import is_known_kind, mask_kinds, nm_density
 
 METHODS = ("lora", "padapter")
 ACTIVATIONS = ("identity", "relu", "gelu", "tanh", "silu")
+#: Initialisations of A (B starts at zero in both): "standard" is loralib/PEFT's kaiming-uniform
+#: over A's input dimension, U(±1/√in); "official" is the official CapaBoost code's, U(±1/√r).
+INITS = ("standard", "official")
+#: Scaling rules: "paper" s = alpha/r; "normalized" s = alpha/(r·d·density²).
+SCALINGS = ("paper", "normalized")
 
 #: Fields that `Spec.overrides` may set per target.
-OVERRIDABLE = ("rank", "num_masks", "density", "alpha", "mask", "dropout")
+OVERRIDABLE = ("rank", "num_masks", "density", "alpha", "mask", "dropout", "init", "scaling")
+
+
+def scaling_factor(alpha: float, rank: int, num_masks: int, density: float,
+                   rule: str = "paper") -> float:
+    """The adapter's scale s under `rule`.
+
+    "paper": s = alpha / r (the paper and the official code). "normalized": s = alpha /
+    (r · d · density²): each of the d masked copies keeps a fraction density² of every product
+    term B_jk A_kl in expectation over the masks, so the summed update is d·density² times
+    LoRA's; dividing by it gives the same expected ΔW as LoRA at equal alpha (and the same s as
+    "paper" for plain LoRA, d = 1 and density = 1).
+
+    >>> scaling_factor(16.0, 8, 2, 0.5), scaling_factor(16.0, 8, 2, 0.5, "normalized")
+    (2.0, 4.0)
+    """
+    if rule == "paper":
+        return alpha / rank
+    if rule == "normalized":
+        return alpha / (rank * num_masks * density**2)
+    raise ValueError(f"unknown scaling rule {rule!r}; allowed: {list(SCALINGS)}")
 
 
 def _is_int(v: Any) -> bool:
@@ -121,8 +147,8 @@ class Spec:
 
     Example:
         >>> spec = Spec(targets=["*.query", "*.value"], rank=8, num_masks=2, density=0.5)
-        >>> spec.scaling
-        2.0
+        >>> spec.scale, Spec(targets=["*.query"], scaling="normalized").scale
+        (2.0, 4.0)
         >>> Spec.from_dict(spec.to_dict()) == spec
         True
     """
@@ -143,7 +169,11 @@ class Spec:
     density: float = field(
         default=0.5, metadata={"help": "Fraction of entries each mask keeps, in (0, 1]."}
     )
-    alpha: float = field(default=16.0, metadata={"help": "Scaling s = alpha / rank."})
+    alpha: float = field(
+        default=16.0,
+        metadata={"help": "Scale of the update: s = alpha / rank (scaling='paper') or "
+                          "alpha / (rank·num_masks·density²) (scaling='normalized')."},
+    )
     dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."}
     )
@@ -170,10 +200,21 @@ class Spec:
                           "or for method='padapter' also 'relu', 'gelu', 'tanh', 'silu' (folds "
                           "into one dense width-d·r adapter)."},
     )
+    init: str = field(
+        default="standard",
+        metadata={"help": "Initialisation of A (B starts at zero): 'standard' kaiming-uniform "
+                          "U(±1/√in) as loralib/PEFT; 'official' U(±1/√rank), as the official "
+                          "CapaBoost code (LoRA only)."},
+    )
+    scaling: str = field(
+        default="paper",
+        metadata={"help": "'paper': s = alpha/rank; 'normalized': s = alpha/(rank·num_masks·"
+                          "density²), the same expected update as LoRA at equal alpha."},
+    )
     overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={"help": "Per-target settings: {pattern: {field: value}} for rank, num_masks, "
-                          "density, alpha, mask, dropout. Every pattern that matches a target "
+                          "density, alpha, mask, dropout, init, scaling. Every pattern that matches a target "
                           "applies, in order: a later entry overrides an earlier one, so list "
                           "general patterns first and specific ones last."},
     )
@@ -238,6 +279,14 @@ class Spec:
             raise SpecError(
                 f"Spec.activation={self.activation!r} needs method='padapter'; LoRA has none."
             )
+        for name, allowed in (("init", INITS), ("scaling", SCALINGS)):
+            if getattr(self, name) not in allowed:
+                raise SpecError(
+                    f"Spec.{name} {getattr(self, name)!r} is unknown; allowed: {list(allowed)}."
+                )
+        if self.init == "official" and self.method != "lora":
+            raise SpecError("Spec.init='official' is the official code's LoRA init; "
+                            "method='padapter' takes init='standard'.")
         self._check_overrides()
 
     def _check_overrides(self) -> None:
@@ -267,9 +316,9 @@ class Spec:
                 raise type(e)(f"Spec.overrides[{pattern!r}]: {e}") from None
 
     @property
-    def scaling(self) -> float:
-        """s = alpha / rank."""
-        return self.alpha / self.rank
+    def scale(self) -> float:
+        """The scale s of this spec's own settings (overrides not applied), per `scaling`."""
+        return scaling_factor(self.alpha, self.rank, self.num_masks, self.density, self.scaling)
 
     def selects(self, name: str) -> bool:
         """True if `name` is matched by `targets` and not by `exclude`."""

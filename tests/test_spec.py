@@ -45,7 +45,7 @@ def test_round_trip_through_json() -> None:
                     density=0.25, alpha=8, dropout=0.1, seed=5, trainable=["classifier"])
     again = cbx.Spec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
-    assert isinstance(again.alpha, float) and spec.scaling == 2.0
+    assert isinstance(again.alpha, float) and spec.scale == 2.0
 
 
 def test_from_dict_rejects_unknown_keys() -> None:
