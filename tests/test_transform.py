@@ -80,8 +80,9 @@ def test_lifecycle(case: Case) -> None:
     assert names and all(case.spec.selects(n) for n in names)
 
     # Only adapters and spec.trainable require grad.
+    adapter_params = {id(p) for a in cbx.adapters(tm).values() for p in a.parameters()}
     for n, p in tm.named_parameters():
-        expect = n.startswith("capaboost.") or any(
+        expect = id(p) in adapter_params or any(
             n.startswith(f"base_model.{t}.") or n == f"base_model.{t}" for t in case.spec.trainable)
         assert p.requires_grad == expect, n
 

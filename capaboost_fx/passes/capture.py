@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
@@ -86,15 +87,26 @@ def _no_cache(module: nn.Module) -> nn.Module:
     return module
 
 
+def _capture_device(t: torch.Tensor) -> torch.device:
+    return torch.device("cpu") if t.is_meta else t.device
+
+
 def meta_twin(model: nn.Module) -> nn.Module:
-    """The module tree with every parameter and buffer on the meta device: what export runs on."""
+    """The module tree with every parameter and buffer a fake tensor (shape, dtype and device
+    only, no storage): what export runs on. Meta parameters get a CPU fake device, so the
+    traced code takes the same device branches as for a real CPU model."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     memo: dict[int, Any] = {}
-    for _, t, is_param in _tensors(model):
-        if id(t) in memo:
-            continue
-        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.is_floating_point()) if is_param else meta
-    return _no_cache(_deepcopy(model, memo, "meta twin"))
+    with mode:
+        for _, t, is_param in _tensors(model):
+            if id(t) in memo:
+                continue
+            fake = torch.empty(t.shape, dtype=t.dtype, device=_capture_device(t))
+            memo[id(t)] = (nn.Parameter(fake, requires_grad=t.is_floating_point())
+                           if is_param else fake)
+    twin = _no_cache(_deepcopy(model, memo, "meta twin"))
+    object.__setattr__(twin, "_capaboost_fake_mode", mode)
+    return twin
 
 
 def shared_shell(model: nn.Module) -> nn.Module:
@@ -118,10 +130,21 @@ def replace_tensor(root: nn.Module, old: torch.Tensor, new: torch.Tensor) -> Non
 
 
 def to_meta(tree: Any) -> Any:
-    """Example inputs as contiguous meta tensors (strides of a view never leak into a graph)."""
+    """Inputs as contiguous meta tensors (kept to capture again later; strides of a view
+    never leak into a graph)."""
     def conv(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return torch.empty(x.shape, dtype=x.dtype, device="meta")
+        return x
+    return pytree.tree_map(conv, tree)
+
+
+def _to_fake(tree: Any, mode: FakeTensorMode, device: torch.device) -> Any:
+    def conv(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            with mode:
+                return torch.empty(x.shape, dtype=x.dtype,
+                                   device=device if x.is_meta else x.device)
         return x
     return pytree.tree_map(conv, tree)
 
@@ -279,20 +302,25 @@ def export_graph(
     tag: str = "",
 ) -> Captured:
     """Export the meta `twin` in `mode` and retarget its state onto ``base_model.<fqn>``."""
+    mode_name = mode
     was_training = twin.training
     twin.train(mode == "train")
     recorder = _CheckpointRecorder(twin)
-    hf = hf_checkpointed(twin) if mode == "train" else []
+    mode = twin._capaboost_fake_mode
+    devices = {t.device for _, t, _ in _tensors(twin)} or {torch.device("cpu")}
+    device = next(iter(devices))
+    hf = hf_checkpointed(twin) if mode_name == "train" else []
     t0 = time.perf_counter()
     try:
         with recorder.active(), _hf_checkpointing_off(twin):
-            ep = torch.export.export(twin, tuple(to_meta(args)), dict(to_meta(dict(kwargs))),
+            ep = torch.export.export(twin, tuple(_to_fake(args, mode, device)),
+                                     dict(_to_fake(dict(kwargs), mode, device)),
                                      dynamic_shapes=dynamic_shapes, strict=False)
         gm = ep.module()
     except (CaptureError, InputError):
         raise
     except Exception as e:
-        raise CaptureError(_explain_failure(twin, mode, e)) from e
+        raise CaptureError(_explain_failure(twin, mode_name, e)) from e
     finally:
         twin.train(was_training)
     seconds = time.perf_counter() - t0
@@ -306,34 +334,50 @@ def export_graph(
                 node.target = f"{BASE}.{node.target}"
                 continue
             value = _fetch(gm, node.target)  # a lifted constant: it lives beside the state
-            if not isinstance(value, torch.Tensor) or value.is_meta:
+            if not isinstance(value, torch.Tensor) or isinstance(value, FakeTensor) or value.is_meta:
                 raise CaptureError(
                     f"captured graph holds a constant {node.target!r} that capaboost_fx cannot "
                     f"share ({type(value).__name__}{' on the meta device' if isinstance(value, torch.Tensor) else ''})."
                 )
-            key = re.sub(r"\W", "_", f"{tag}{mode}_{node.target}")
+            key = re.sub(r"\W", "_", f"{tag}{mode_name}_{node.target}")
             constants[key] = value.detach()
             node.target = f"{CONSTANTS}.{key}"
         elif node.op == "call_module" and node.target == "_guards_fn":
-            guard = InputGuard(gm._guards_fn.forward, mode, ep.range_constraints)
+            guard = InputGuard(gm._guards_fn.forward, mode_name, ep.range_constraints)
             node.op, node.target = "call_function", guard
         elif node.op == "call_module":
             raise CaptureError(f"unexpected submodule call {node.target!r} in the captured graph")
-    _device_follows_inputs(graph)
+    _device_follows_inputs(graph, devices)
     graph.owning_module = None  # the graph now runs against the training module's state
     graph.lint()
     ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
-    mutated = sorted(set(ep.graph_signature.buffers_to_mutate.values()))
-    return Captured(mode, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
+    mutated = _written_state(graph)
+    return Captured(mode_name, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
                     list(dict.fromkeys(hf + recorder.found)), seconds)
+
+
+def _written_state(graph: fx.Graph) -> list[str]:
+    """State the graph writes in place (batch-norm statistics): ``copy_``/``add_`` and any op
+    whose schema marks an argument as written, applied to a ``get_attr``."""
+    out = set()
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None:
+            continue
+        for arg, a in zip(schema.arguments, n.args):
+            if (arg.alias_info is not None and arg.alias_info.is_write and
+                    isinstance(a, fx.Node) and a.op == "get_attr" and
+                    a.target.startswith(BASE + ".")):
+                out.add(a.target[len(BASE) + 1:])
+    return sorted(out)
 
 
 def _runtime_device(x: Any) -> torch.device:
     return x.device
 
 
-def _device_follows_inputs(graph: fx.Graph) -> None:
-    """Capture ran on meta: every ``device=meta`` baked into the graph (arange, full, to,
+def _device_follows_inputs(graph: fx.Graph, devices: set[torch.device]) -> None:
+    """Capture ran on fake tensors: every capture device baked into the graph (arange, full, to,
     metadata asserts) becomes the device of the first tensor input (or parameter) at run time,
     so the module runs wherever its state and inputs are."""
     uses = [n for n in graph.nodes if n.op == "call_function" and (
@@ -353,7 +397,7 @@ def _device_follows_inputs(graph: fx.Graph) -> None:
         dev = graph.call_function(_runtime_device, (source,))
 
     def sub(a: Any) -> Any:
-        return dev if isinstance(a, torch.device) and a.type == "meta" else a
+        return dev if isinstance(a, torch.device) and (a in devices or a.type == "meta") else a
 
     for n in uses:
         n.args = tuple(sub(a) for a in n.args)
