@@ -179,7 +179,10 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
         targets[name] = {"weight": a.weight_fqn, "weight_shape": list(w.shape),
                          "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
                          "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
-    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    # spec.trainable parameters: those still trainable besides the adapters' own A and B
+    # (which may live inside the base module tree).
+    own = {id(p) for a in adapters(tm).values() for p in a.parameters()}
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad and id(p) not in own]
     for n in trainable:
         tensors[f"trainable.{n}"] = base.get_parameter(n).detach().cpu().contiguous()
     base_weights = {}
