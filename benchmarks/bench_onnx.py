@@ -14,7 +14,6 @@ which, and why).
 
 from __future__ import annotations
 
-import collections
 import os
 import tempfile
 import time
@@ -28,7 +27,6 @@ from common import (
     TARGETS,
     Context,
     Settings,
-    alternate,
     make_batch,
     quiet,
     randomize_B,
@@ -39,13 +37,14 @@ from common import (
 )
 
 import capaboost_fx as cbx
+from capaboost_fx.onnx import Session, measure_latency, onnx_stats, open_session
 
 BATCHES = (1, 8)
 
 
 def _library_exporter() -> Any:
     try:
-        from capaboost_fx.onnx_export import export_onnx
+        from capaboost_fx.onnx import export_onnx
     except Exception:
         export_onnx = getattr(cbx, "export_onnx", None)
     return export_onnx
@@ -64,40 +63,24 @@ def _direct_export(module: torch.nn.Module, path: str, kwargs: dict[str, torch.T
                           dynamic_shapes=_dynamic_shapes(), external_data=False)
 
 
-def _session(path: str) -> Any:
-    import onnxruntime as ort
-    import torch
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()  # 2 (1 in quick mode)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+def _session(path: str) -> Session:
     # Two sessions take turns on 2 cores: a session's idle pool spinning after its run would
     # slow down whichever session runs next, so spinning is off for both.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return open_session(path, providers="cpu", intra_op_num_threads=torch.get_num_threads(),
+                        inter_op_num_threads=1, sequential=True,
+                        session_config={"session.intra_op.allow_spinning": "0"})
 
 
-def _feeds(sess: Any, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    names = [i.name for i in sess.get_inputs()]
-    return {n: batch[n].numpy() for n in names}
+def _feeds(sess: Session, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: batch[n].numpy() for n in sess.input_names}
 
 
 def _graph_stats(path: str) -> dict[str, Any]:
-    import onnx
-
-    m = onnx.load(path)
-    ops = collections.Counter(n.op_type for n in m.graph.node)
-    fn_nodes = sum(len(f.node) for f in m.functions)
-    size = os.path.getsize(path)
-    data = path + ".data"
-    if os.path.exists(data):
-        size += os.path.getsize(data)
-    init_bytes = sum(int(onnx.numpy_helper.to_array(t).nbytes) for t in m.graph.initializer)
-    return {"nodes": len(m.graph.node), "function_nodes": fn_nodes,
-            "initializers": len(m.graph.initializer), "initializer_bytes": init_bytes,
-            "file_bytes": size, "op_histogram": dict(sorted(ops.items()))}
+    """The benchmark's view of capaboost_fx.onnx.onnx_stats (the one implementation)."""
+    s = onnx_stats(path)
+    return {"nodes": s.node_count, "initializers": s.initializer_count,
+            "initializer_bytes": s.initializer_bytes, "file_bytes": s.file_bytes,
+            "op_histogram": s.op_histogram}
 
 
 def export_both(base: torch.nn.Module, folded: torch.nn.Module, example: dict[str, torch.Tensor],
@@ -110,7 +93,7 @@ def export_both(base: torch.nn.Module, folded: torch.nn.Module, example: dict[st
     exporter, why = "torch.onnx.export(dynamo=True, dynamic_shapes=batch/seq)", ""
     lib = _library_exporter()
     if lib is None:
-        why = "capaboost_fx.onnx_export.export_onnx is not available in this checkout"
+        why = "capaboost_fx.onnx.export_onnx is not available in this checkout"
     else:
         try:
             for name, mod in mods.items():
@@ -120,10 +103,10 @@ def export_both(base: torch.nn.Module, folded: torch.nn.Module, example: dict[st
                 seconds[name] = time.perf_counter() - t0
                 sess = _session(paths[name])
                 for b in check.values():  # must take batch 1 and batch 8
-                    sess.run(None, _feeds(sess, b))
-            exporter = "capaboost_fx.onnx_export.export_onnx(verify=True)"
+                    sess.run(_feeds(sess, b))
+            exporter = "capaboost_fx.onnx.export_onnx(verify=True) (optimize='ort': fused)"
         except Exception as e:
-            why = ("capaboost_fx.onnx_export.export_onnx failed or gave a file without dynamic "
+            why = ("capaboost_fx.onnx.export_onnx failed or gave a file without dynamic "
                    f"batch: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc(limit=2)
     if why:
@@ -158,7 +141,7 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
         log(f"  exported with {exp['exporter']}")
         stats = {n: _graph_stats(p) for n, p in exp["paths"].items()}
         try:  # the library's own structural comparison, as a cross-check
-            from capaboost_fx.onnx_export import compare_onnx
+            from capaboost_fx.onnx import compare_onnx
 
             same_graph = bool(compare_onnx(exp["paths"]["base"], exp["paths"]["folded"],
                                            latency=False).same_graph)
@@ -169,7 +152,7 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
         with torch.no_grad():
             for b, inp in inputs.items():
                 ref = {"base": base_eval(**inp).logits, "folded": folded(**inp).logits}
-                got = {n: torch.from_numpy(s.run(None, _feeds(s, inp))[0])
+                got = {n: torch.from_numpy(s.run(_feeds(s, inp))[s.output_names[0]])
                        for n, s in sessions.items()}
                 correctness[f"batch{b}"] = {
                     "base_onnx_vs_torch": float((got["base"] - ref["base"]).abs().max()),
@@ -180,25 +163,14 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
         for b, inp in inputs.items():
             feeds = {n: _feeds(s, inp) for n, s in sessions.items()}
             iters = st.onnx_iters.get(b, 3)
-
-            def bench(n: str, feeds=feeds, iters=iters):
-                def fn() -> float:
-                    ts = []
-                    for _ in range(iters):
-                        t0 = time.perf_counter()
-                        sessions[n].run(None, feeds[n])
-                        ts.append(time.perf_counter() - t0)
-                    return float(np.median(ts))
-                return fn
-
-            fns = {n: bench(n) for n in sessions}
-            for _ in range(3):  # warm-up: first runs at a new shape allocate and plan
-                for f in fns.values():
-                    f()
-            samples = alternate(fns, st.onnx_rounds)
+            # One timer for the whole project: interleaved rounds, order rotated each round,
+            # 3 warm-up runs (a new shape allocates and plans), median of `iters` calls a round.
+            timed = measure_latency(sessions, feeds, runs=st.onnx_rounds, warmup=3,
+                                    calls_per_run=iters)
+            samples = {n: t.samples_ms for n, t in timed.items()}
             latency[f"batch{b}"] = {
                 "seq": st.seq, "iters_per_measurement": iters,
-                "ms": {n: summary([x * 1e3 for x in v]) for n, v in samples.items()},
+                "ms": {n: summary(v) for n, v in samples.items()},
                 "ratio": ratio(samples, "folded", "base", "<= 1.02"),
             }
             log(f"  batch {b}: folded/base {latency[f'batch{b}']['ratio']['median']:.3f}")

@@ -34,7 +34,7 @@ from .errors import (
 from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
 from .model import CapaBoostModel, FoldedModel
-from .onnx_export import CompareReport, ExportReport, compare_onnx, export_onnx, verify_onnx
+from .onnx import CompareReport, ExportReport, compare_onnx, export_onnx, verify_onnx
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
@@ -85,3 +85,13 @@ __all__ = [
     "VerificationError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The deprecated modules capaboost_fx.runtime and capaboost_fx.onnx_export (now
+    # capaboost_fx.onnx) stay reachable as attributes, as they were when imported eagerly.
+    if name in ("runtime", "onnx_export"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

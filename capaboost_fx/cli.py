@@ -6,7 +6,8 @@ Commands:
   ``package.module:factory`` or ``path/to/file.py:factory`` (a callable returning
   ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; a dict as second
   item is taken as keyword inputs), or a Hugging Face model directory (loaded offline, fed
-  random token ids or pixels).
+  random token ids or pixels). ``--optimize ort|none`` (default ort: onnxruntime fusions),
+  ``--quantize int8`` (dynamic int8).
 - ``compare BASE FOLDED``: node counts, operators, initializers, size and onnxruntime latency of
   two ONNX files as a Markdown table; ``--json`` writes the full report.
 
@@ -19,6 +20,7 @@ entry to `COMMANDS`; `_build_parser` picks it up.
 Example::
 
     capaboost-fx export --model my_project.models:folded_bert --out folded.onnx
+    capaboost-fx export --model path/to/hf_dir --out model.int8.onnx --quantize int8
     capaboost-fx compare base.onnx folded.onnx --runs 50 --json compare.json
 """
 
@@ -141,6 +143,20 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     p.add_argument(
+        "--optimize",
+        choices=("ort", "none"),
+        default="ort",
+        help="ort (default): onnxruntime's transformer fusions (Attention, SkipLayerNormalization, "
+        "BiasGelu, ...); none: the exporter's plain graph",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="int8: dynamic int8 quantization (onnxruntime quantize_dynamic); verification then "
+        "reports max diff and argmax agreement instead of demanding 1e-4",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=2, help="example batch for a model directory (>= 2)"
     )
     p.add_argument(
@@ -152,7 +168,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from capaboost_fx.onnx_export import export_onnx
+    from capaboost_fx.onnx import export_onnx
 
     if os.path.isdir(args.model):
         model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
@@ -165,18 +181,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
         example_kwargs=kwargs,
         opset=args.opset,
         verify=not args.no_verify,
+        optimize=args.optimize,
+        quantize=args.quantize,
     )
     print(f"wrote {report.path} ({report.file_bytes:,} bytes, opset {report.opset})")
     print(
         f"  {report.node_count} nodes, {report.initializer_count} initializers "
         f"({report.initializer_bytes:,} bytes), export {report.export_seconds:.1f} s"
     )
+    fused = ", ".join(f"{k} {v}" for k, v in report.fusions.items()) or "none applied"
+    print(
+        f"  optimize {report.optimize} (fusions: {fused})"
+        + (f", quantize {report.quantize}" if report.quantize else "")
+        + "; inputs "
+        + ", ".join(f"{n}{list(s)}" for n, s in report.input_shapes.items())
+    )
+    for note in report.verify_notes:
+        print(f"  note: {note}")
     if report.verified:
         shapes = "; ".join(str(s) for s in report.verified_shapes)
         print(
-            f"  verified on {','.join(report.providers)}: max abs diff "
-            f"{report.max_abs_diff:.3g} at input shapes {shapes}"
+            f"  verified on {','.join(report.providers)} (graph optimizations "
+            f"{'/'.join(report.verified_levels)}): max abs diff {report.max_abs_diff:.3g} at "
+            f"input shapes {shapes}"
         )
+        if report.quantize:
+            agree = ", ".join(f"{k} {v:.1%}" for k, v in report.argmax_agreement.items())
+            print(f"  argmax agreement with PyTorch: {agree or 'n/a'}")
     if args.json:
         _write_json(args.json, report.to_dict())
     return 0
@@ -200,7 +231,7 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from capaboost_fx.onnx_export import compare_onnx
+    from capaboost_fx.onnx import compare_onnx
 
     report = compare_onnx(
         args.base,

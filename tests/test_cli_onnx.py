@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from capaboost_fx.cli import COMMANDS, _build_parser, main
-from capaboost_fx.onnx_export import export_onnx
+from capaboost_fx.onnx import export_onnx
 
 
 class MLP(nn.Module):
@@ -201,3 +201,29 @@ def test_commands_are_a_registry():
     parser = _build_parser()
     args = parser.parse_args(["compare", "a.onnx", "b.onnx"])
     assert args._run is COMMANDS["compare"].run and args.runs == 30
+
+
+def test_export_options_optimize_and_quantize(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cli_q_mod.py").write_text(
+        "import torch\ntorch.manual_seed(0)\n"
+        "def make():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),"
+        " torch.nn.Linear(32, 4))\n"
+        "    return m, (torch.randn(8, 16),)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "cli_q_mod", raising=False)
+    report = tmp_path / "q.json"
+    args = ["export", "--model", "cli_q_mod:make", "--out", str(tmp_path / "q.onnx"),
+            "--optimize", "none", "--quantize", "int8", "--json", str(report)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "quantize int8" in out and "argmax agreement with PyTorch" in out
+    data = json.loads(report.read_text())
+    assert data["quantize"] == "int8" and data["optimize"] == "none"
+    assert data["op_histogram"].get("MatMulInteger", 0) == 2
+    assert list(data["input_shapes"].values()) == [["batch", 16]]
+    sys.modules.pop("cli_q_mod", None)
+    bad = ["export", "--model", "cli_q_mod:make", "--out", "x.onnx", "--optimize", "fast"]
+    assert main(bad) == 2

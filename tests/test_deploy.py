@@ -53,7 +53,7 @@ def test_folded_onnx_is_the_base_graph(case, tmp_path) -> None:
     assert cmp.base.node_count == cmp.other.node_count
     assert cmp.base.initializer_bytes == cmp.other.initializer_bytes
     # And it is the trained model, not the base: its outputs differ from the base's.
-    sess = cbx.runtime.open_session(tmp_path / "folded.onnx")
+    sess = cbx.onnx.open_session(tmp_path / "folded.onnx")
     feeds = dict(zip(sess.input_names, [t.numpy() for t in (*args, *kwargs.values())],
                      strict=True))
     onnx_out = torch.from_numpy(next(iter(sess.run(feeds).values())))

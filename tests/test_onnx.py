@@ -1,4 +1,4 @@
-"""ONNX export, verification, comparison and fusions (capaboost_fx.onnx_export).
+"""ONNX export, verification, comparison and fusions (capaboost_fx.onnx).
 
 The deploy module stand-in is what `fold` returns: ``torch.export.export(model.eval(), ...)
 .module()``, exported with dynamic batch/sequence dims so that it runs at a second shape.
@@ -18,15 +18,15 @@ from onnx import numpy_helper
 from torch import nn
 
 from capaboost_fx.errors import ExportError, VerificationError
-from capaboost_fx.onnx_export import (
+from capaboost_fx.onnx import (
     auto_dynamic_shapes,
     compare_onnx,
     export_onnx,
     onnx_stats,
+    open_session,
     optimize_transformer,
     verify_onnx,
 )
-from capaboost_fx.runtime import open_session
 
 transformers = pytest.importorskip("transformers")
 
@@ -218,34 +218,31 @@ def test_corrupted_initializer_fails_verification(exported, tmp_path):
 
 
 def test_bert_fusions_match_between_base_and_perturbed(exported, tmp_path):
+    """optimize_transformer (onnxruntime.transformers.optimizer) on the exporter's plain graph."""
     family = exported("bert")
-    name = "bert"
+    args, kwargs = family["args"], family["kwargs"]
+    plain = {}
+    for key in ("base", "other"):
+        plain[key] = export_onnx(
+            family[key], tmp_path / f"{key}.plain.onnx", args, kwargs, optimize="none"
+        ).path
     kw = {"num_heads": 4, "hidden_size": 32}
-    fused_base = optimize_transformer(family["base_report"].path, tmp_path / "b.onnx", name, **kw)
-    fused_other = optimize_transformer(family["other_report"].path, tmp_path / "o.onnx", name, **kw)
+    with pytest.warns(DeprecationWarning, match="optimize='ort'"):
+        fused_base = optimize_transformer(plain["base"], tmp_path / "b.onnx", "bert", **kw)
+    fused_other = optimize_transformer(plain["other"], tmp_path / "o.onnx", "bert", **kw)
     assert fused_base == fused_other
     # What fuses on the dynamo exporter's graph (see optimize_transformer's docstring).
     assert fused_base == {"BiasGelu": 2, "LayerNormalization": 1, "SkipLayerNormalization": 4}
     assert compare_onnx(tmp_path / "b.onnx", tmp_path / "o.onnx", latency=False).same_graph
-    feeds = [*family["args"], *family["kwargs"].values()]
+    feeds = [*args, *kwargs.values()]
     for path, module in (
         (tmp_path / "b.onnx", family["base"]),
         (tmp_path / "o.onnx", family["other"]),
     ):
         got = open_session(path, providers="cpu").run(feeds)["logits"]
         with torch.no_grad():
-            want = module(*family["args"], **family["kwargs"]).logits
+            want = module(*args, **kwargs).logits
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.xfail(
-    raises=ExportError,
-    strict=True,
-    reason="onnxruntime 1.32's GPT-2 optimizer assumes the TorchScript exporter's Gemm with bias "
-    "(IndexError in onnx_model_gpt2.postprocess) and fails on dynamo-exported GPT-2 graphs",
-)
-def test_gpt2_fusions_on_dynamo_graph(exported, tmp_path):
-    optimize_transformer(exported("gpt2")["base_report"].path, tmp_path / "g.onnx", "gpt2", 4, 32)
 
 
 # --------------------------------------------------------------------------- small models
@@ -412,7 +409,7 @@ def test_failure_midway_leaves_the_old_file_untouched(
     assert sorted(before) == (["m.onnx", "m.onnx.data"] if external else ["m.onnx"])
     moved = []
 
-    import capaboost_fx.onnx_export as mod
+    import capaboost_fx.onnx.export as mod
 
     if step == "checker":
 

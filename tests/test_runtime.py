@@ -1,4 +1,4 @@
-"""onnxruntime sessions (capaboost_fx.runtime): provider choice, fallbacks, inputs by name."""
+"""onnxruntime sessions (capaboost_fx.onnx.runtime): provider choice, fallbacks, inputs by name."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import capaboost_fx.runtime as rt
+import capaboost_fx.onnx.runtime as rt
 from capaboost_fx.errors import ExportError, InputError, OnnxFileNotFoundError
-from capaboost_fx.onnx_export import export_onnx
-from capaboost_fx.runtime import open_session, resolve_providers, synthesize_inputs
+from capaboost_fx.onnx import export_onnx
+from capaboost_fx.onnx.runtime import open_session, resolve_providers, synthesize_inputs
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 NO_GPU = pytest.mark.skipif(rt.cuda_usable(), reason="this test needs a machine without CUDA")

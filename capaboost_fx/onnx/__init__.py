@@ -1,0 +1,59 @@
+"""ONNX deployment: export, verify, optimize, compare and serve (onnxruntime).
+
+| module | what |
+| --- | --- |
+| `export` | `export_onnx`: dynamo export, fusions, int8, verification, atomic write |
+| `verify` | `verify_onnx`: onnxruntime vs PyTorch at two shapes and two optimization levels |
+| `stats` | `onnx_stats`, `compare_onnx`: one implementation of ONNX file statistics |
+| `runtime` | `open_session` (honest provider choice), `measure_latency` (the one latency timer) |
+| `optimize` | `fuse_for_ort`, `quantize_int8`, `optimize_transformer` |
+| `shapes` | `auto_dynamic_shapes`, `axis_names` (``batch``, ``sequence``) |
+
+Example::
+
+    from capaboost_fx.onnx import export_onnx, open_session, measure_latency
+    rep = export_onnx(deploy, "model.onnx", example_kwargs=batch)       # fused, verified
+    sess = open_session("model.onnx", intra_op_num_threads=2)
+    measure_latency(sess, batch, runs=20).median_ms
+"""
+
+from __future__ import annotations
+
+from capaboost_fx.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportReport, export_onnx
+from capaboost_fx.onnx.optimize import fuse_for_ort, optimize_transformer, quantize_int8
+from capaboost_fx.onnx.runtime import (
+    LatencyStats,
+    Session,
+    cuda_usable,
+    measure_latency,
+    open_session,
+    resolve_providers,
+    synthesize_inputs,
+)
+from capaboost_fx.onnx.shapes import auto_dynamic_shapes, axis_names
+from capaboost_fx.onnx.stats import CompareReport, OnnxStats, compare_onnx, onnx_stats
+from capaboost_fx.onnx.verify import VerifyResult, verify_onnx
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "CompareReport",
+    "ExportReport",
+    "LatencyStats",
+    "OnnxStats",
+    "Session",
+    "VerifyResult",
+    "auto_dynamic_shapes",
+    "axis_names",
+    "compare_onnx",
+    "cuda_usable",
+    "export_onnx",
+    "fuse_for_ort",
+    "measure_latency",
+    "onnx_stats",
+    "open_session",
+    "optimize_transformer",
+    "quantize_int8",
+    "resolve_providers",
+    "synthesize_inputs",
+    "verify_onnx",
+]

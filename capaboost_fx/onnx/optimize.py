@@ -1,0 +1,208 @@
+"""Graph optimizations applied to an exported model: onnxruntime fusions and int8 quantization.
+
+- `fuse_for_ort`: ``onnxscript.rewriter.ort_fusions.optimize_for_ort`` on the dynamo exporter's
+  graph: SDPA -> MultiHeadAttention -> Attention, SkipLayerNormalization, BiasGelu, rotary
+  embeddings, ... (onnxruntime contrib operators). `export_onnx` applies it by default.
+- `quantize_int8`: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
+  quantized at run time): MatMul -> MatMulInteger / DynamicQuantizeLinear.
+- `optimize_transformer` (deprecated): ``onnxruntime.transformers.optimizer`` on a file. On
+  dynamo-exported graphs it misses Attention, which `fuse_for_ort` finds (benchmarks/README.md,
+  "Deploy").
+
+Example::
+
+    from capaboost_fx.onnx import export_onnx
+    export_onnx(deploy, "model.onnx", example_kwargs=batch)                     # fused
+    export_onnx(deploy, "model.int8.onnx", example_kwargs=batch, quantize="int8")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from capaboost_fx.errors import ExportError, InputError, OnnxFileNotFoundError
+from capaboost_fx.onnx.stats import load_proto, onnx_stats
+
+# Weights above this go to an external data file next to the model. Protobuf cannot serialise a
+# message over 2 GiB; torch's exporter switches at the same 1.5 GiB to leave room for the graph.
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+
+OPTIMIZE = ("ort", "none")
+QUANTIZE = (None, "int8")
+
+__all__ = ["OPTIMIZE", "QUANTIZE", "fuse_for_ort", "optimize_transformer", "quantize_int8"]
+
+
+def check_options(optimize: Any, quantize: Any) -> tuple[str, str | None]:
+    """Normalise `optimize` / `quantize` of `export_onnx` (True -> "ort", False -> "none")."""
+    if optimize is True:
+        optimize = "ort"
+    elif optimize is False or optimize is None:
+        optimize = "none"
+    if optimize not in OPTIMIZE:
+        raise InputError(f"optimize={optimize!r}; use one of {list(OPTIMIZE)}")
+    if quantize in ("none", False):
+        quantize = None
+    if quantize not in QUANTIZE:
+        raise InputError(f"quantize={quantize!r}; use None or 'int8'")
+    return optimize, quantize
+
+
+def fuse_for_ort(model: Any) -> tuple[Any, dict[str, int]]:
+    """Apply onnxruntime's fusions to an ``onnx_ir.Model`` in place; return it and what fused.
+
+    The counts are per rewrite rule, non-zero ones only (``{"attention": 2,
+    "skip_layer_normalization": 4, "bias_gelu": 2, ...}``). A base model and its fold must give
+    the same counts: the fold changes weights, never the graph.
+
+    Example::
+
+        program = torch.onnx.export(model, (ids,), dynamo=True)
+        model, fused = fuse_for_ort(program.model)
+    """
+    try:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError(
+            f"onnxscript's ort_fusions are not available ({e}); pip install 'onnxscript>=0.5' "
+            "or export with optimize='none'"
+        ) from e
+    with _quiet_loggers("onnxscript", "onnx_ir"):
+        fused, counts = optimize_for_ort(model)
+    return fused, {k: int(v) for k, v in counts.items() if v}
+
+
+class _DropPreprocessHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def quantize_int8(
+    src: str | os.PathLike, dst: str | os.PathLike, external_data: bool = False
+) -> dict[str, int]:
+    """Dynamically quantize `src` to int8 weights (``quantize_dynamic``), write `dst`.
+
+    Weights of MatMul/Gemm (and embedding Gathers) become int8 with one scale per tensor;
+    activations are quantized at run time. Returns the quantized operators of the result
+    (``{"MatMulInteger": 8, "DynamicQuantizeLinear": 8, ...}``). With `external_data`, weights
+    go to ``<dst name>.data``.
+
+    Example::
+
+        quantize_int8("model.onnx", "model.int8.onnx")
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError(f"onnxruntime.quantization is not available: {e}") from e
+    root = logging.getLogger()
+    hint = _DropPreprocessHint()
+    root.addFilter(hint)  # quantize_dynamic logs this on the root logger for every model
+    try:
+        quantize_dynamic(
+            os.fspath(src),
+            os.fspath(dst),
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external_data,
+        )
+    except Exception as e:
+        raise ExportError(f"int8 quantization of {src} failed: {type(e).__name__}: {e}") from e
+    finally:
+        root.removeFilter(hint)
+    ops = onnx_stats(dst).op_histogram
+    quantized = ("Integer", "Quantize", "Dequantize", "QAttention", "QGemm")
+    return {op: n for op, n in ops.items() if any(q in op for q in quantized)}
+
+
+def optimize_transformer(
+    path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model_type: str = "bert",
+    num_heads: int = 0,
+    hidden_size: int = 0,
+    opt_level: int = 0,
+    use_gpu: bool = False,
+) -> dict[str, int]:
+    """Deprecated: `export_onnx` fuses by default (``optimize="ort"``), and finds more.
+
+    Applies onnxruntime's transformer fusions to `path`, writes `out_path`, returns fused op
+    counts. On the dynamo exporter's graphs it misses Attention, which `fuse_for_ort` finds
+    (measured in benchmarks/bench_deploy.py); for graphs from other exporters call
+    ``onnxruntime.transformers.optimizer.optimize_model`` directly.
+
+    A thin wrapper over ``onnxruntime.transformers.optimizer.optimize_model``. `num_heads` and
+    `hidden_size` 0 let the optimizer infer them. `opt_level` 0 applies only the fusions (no
+    hardware-specific onnxruntime graph optimisations baked into the file). Returns the fused
+    operators that occur (e.g. ``{"SkipLayerNormalization": 4, "BiasGelu": 2}``); a base model and
+    its fold must give the same counts.
+
+    Measured on onnxruntime 1.32 with graphs from the torch 2.13 dynamo exporter (BERT):
+    SkipLayerNormalization, LayerNormalization and BiasGelu fuse; Attention and
+    EmbedLayerNormalization do not (their patterns follow the TorchScript exporter's graphs).
+
+    Example::
+
+        fused = optimize_transformer("bert.onnx", "bert.opt.onnx", "bert", num_heads=12,
+                                     hidden_size=768)
+    """
+    warnings.warn(
+        "optimize_transformer is deprecated: export_onnx applies onnxruntime's fusions by "
+        "default (optimize='ort'), Attention included; for other exporters' graphs call "
+        "onnxruntime.transformers.optimizer.optimize_model directly",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    try:
+        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError(f"onnxruntime.transformers is not available: {e}") from e
+    if model_type not in MODEL_TYPES:
+        raise InputError(f"model_type={model_type!r}; onnxruntime knows {sorted(MODEL_TYPES)}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise OnnxFileNotFoundError(
+            f"ONNX file not found: {path}; check the path (export it first with capaboost_fx.export_onnx)."
+        )
+    ort_logger = logging.getLogger("onnxruntime.transformers")
+    level = ort_logger.level
+    ort_logger.setLevel(logging.WARNING)  # the optimizer logs every fusion at INFO
+    try:
+        model = optimize_model(
+            path,
+            model_type=model_type,
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            opt_level=opt_level,
+            use_gpu=use_gpu,
+        )
+        big = (
+            load_proto(path).ByteSize() + onnx_stats(path).initializer_bytes
+            > EXTERNAL_DATA_THRESHOLD
+        )
+        model.save_model_to_file(os.fspath(out_path), use_external_data_format=big)
+        stats = model.get_fused_operator_statistics()
+    except (ExportError, InputError, OnnxFileNotFoundError):
+        raise
+    except Exception as e:
+        raise ExportError(f"onnxruntime transformer optimizer failed on {path}: {e}") from e
+    finally:
+        ort_logger.setLevel(level)
+    return {op: int(n) for op, n in stats.items() if n}

@@ -1,0 +1,259 @@
+"""Inputs, outputs and dynamic dims of a module about to be exported (shared by export and verify).
+
+- `auto_dynamic_shapes`: which dims of the example inputs are batch / sequence and stay dynamic.
+- `choose_dynamic_shapes`: the same, limited to the dims the module is seen to accept.
+- `axis_names`: the ONNX names for those dims (``batch``, ``sequence``), shared across inputs.
+- `resize` / `second_inputs`: the example resized along the dynamic dims, for a second check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from capaboost_fx.errors import InputError
+
+BATCH = "batch"
+SEQUENCE = "sequence"
+
+__all__ = ["BATCH", "SEQUENCE", "auto_dynamic_shapes", "axis_names"]
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}"
+        )
+    return example_inputs
+
+
+def flat_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    # The exporter's graph inputs are the tensor leaves of (args, kwargs) in this order (kwargs in
+    # the order given, not the signature's): measured on torch 2.13.
+    return [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor)]
+
+
+def _name_of(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "_".join(parts)
+
+
+def output_names(output: Any) -> list[str]:
+    """Readable names for the tensor leaves of a model output: logits, hidden_states_0, output_1."""
+    leaves, _ = pytree.tree_flatten_with_path(output)
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        name = _name_of(path)
+        if not name:
+            name = "output"
+        elif name[0].isdigit():  # a plain tuple/list output
+            name = f"output_{name}"
+        base, k = name, 1
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def flat_outputs(output: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+
+
+def _dims_for(t: torch.Tensor) -> dict[int, Any] | None:
+    # Measured on torch 2.13: Dim.AUTO does NOT always pin a dim that the weights fix (a Linear's
+    # feature dim, a conv's channels stay symbolic in the ONNX file and fail only at run time),
+    # so we only mark dims that are batch or sequence by convention.
+    auto = torch.export.Dim.AUTO
+    if t.ndim == 0:
+        return None
+    if t.ndim == 1:
+        return {0: auto}
+    if t.ndim == 2 and (t.dtype.is_floating_point or t.dtype.is_complex):
+        return {0: auto}  # (batch, features)
+    if t.ndim <= 3:  # (batch, seq) ids/masks, (batch, seq, hidden) embeddings
+        return {0: auto, 1: auto}
+    return {0: auto}  # (batch, channels, height, width)
+
+
+def auto_dynamic_shapes(
+    module: nn.Module,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    batch_only: bool = False,
+) -> dict[str, Any]:
+    """`dynamic_shapes` for `torch.export`: batch (dim 0) and sequence (dim 1) dims left dynamic.
+
+    Dynamic: dim 0 of every tensor; also dim 1 of integer/bool tensors with 2 dims (token ids,
+    masks) and of tensors with 3 dims (embeddings). Float (batch, features) and images
+    (batch, channels, height, width) keep their other dims static. ``Dim.AUTO`` lets
+    torch.export keep a dim static where the model needs it. `batch_only`: dim 0 alone. Pass
+    your own `dynamic_shapes` to `export_onnx` for anything else.
+
+    Example::
+
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids
+        >>> ids = torch.ones(2, 8, dtype=torch.long)
+        >>> sorted(auto_dynamic_shapes(M(), (ids,), {"attention_mask": ids}))
+        ['attention_mask', 'input_ids']
+    """
+    args = as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"example inputs do not fit {type(module).__name__}.forward: {e}") from e
+
+    def dims(x: Any) -> dict[int, Any] | None:
+        if not isinstance(x, torch.Tensor):
+            return None
+        d = _dims_for(x)
+        return {0: d[0]} if d and batch_only else d
+
+    return {name: pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
+
+
+def _runs_resized(module: nn.Module, args: tuple, kwargs: dict, batch_only: bool) -> bool:
+    """Does `module` run with the example resized along the dims auto_dynamic_shapes marks?"""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    for i, x in enumerate(flat):
+        if isinstance(x, torch.Tensor):
+            dims = [d for d in (_dims_for(x) or {}) if d == 0 or not batch_only]
+            flat[i] = resize(x, {d: new_size(x.shape[d], d == 0) for d in dims})
+    a, k = pytree.tree_unflatten(flat, spec)
+    try:
+        module(*a, **k)
+    except Exception:
+        return False
+    return True
+
+
+def choose_dynamic_shapes(
+    module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[dict[str, Any] | None, str]:
+    # A module captured by torch.export without dynamic shapes guards on the example's shapes,
+    # but the ONNX exporter drops those guards: its file would claim dynamic dims and then fail
+    # (measured: BERT stand-in, onnxruntime error at batch 3). Probe the module first and only
+    # mark dims it accepts.
+    with eval_mode(module), torch.no_grad():
+        if _runs_resized(module, args, kwargs, batch_only=False):
+            return auto_dynamic_shapes(module, args, kwargs), "auto"
+        if _runs_resized(module, args, kwargs, batch_only=True):
+            return auto_dynamic_shapes(module, args, kwargs, batch_only=True), "auto (batch only)"
+    warnings.warn(
+        f"{type(module).__name__} runs only at the example's input shapes (e.g. a torch.export "
+        "capture without dynamic_shapes); exporting a static ONNX graph. Capture it with "
+        "dynamic batch/sequence dims, or pass dynamic_shapes.",
+        stacklevel=3,
+    )
+    return None, "static (the module runs only at the example's shapes)"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run `module` in eval mode and give it back in the mode it came in.
+
+    A graph from `torch.export` has its mode baked in and refuses `.eval()`; it is left alone.
+    """
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def resize(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
+    # Cyclic reuse of the example's own values keeps token ids, masks and types in range.
+    for dim, new in sizes.items():
+        index = torch.arange(new, device=t.device) % t.shape[dim]
+        t = t.index_select(dim, index)
+    return t
+
+
+def new_size(old: int, is_batch: bool) -> int:
+    # Shrink when we can (never past an upper bound such as max_position_embeddings), but stay
+    # >= 2: torch.export specialises sizes 0 and 1.
+    if is_batch:
+        return old + 1
+    return old - 1 if old >= 3 else old + 1
+
+
+def second_inputs(
+    args: tuple, kwargs: dict, specs: list[tuple[str, str, list]], batch_only: bool
+) -> tuple[tuple, dict] | None:
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    tensors = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    symbol_size: dict[str, int] = {}
+    changed = False
+    for slot, (_, _, shape) in zip(tensors, specs, strict=True):
+        t = flat[slot]
+        sizes = {}
+        for dim, d in enumerate(shape):
+            if not isinstance(d, str) or dim >= t.ndim or (batch_only and dim != 0):
+                continue
+            sizes[dim] = symbol_size.setdefault(d, new_size(t.shape[dim], dim == 0))
+        if sizes:
+            flat[slot] = resize(t, sizes)
+            changed = True
+    if not changed:
+        return None
+    return pytree.tree_unflatten(flat, spec)
+
+
+_AUTO_SYMBOL = re.compile(r"^s\d+$")  # torch.export's names for Dim.AUTO dims: s72, s53
+
+
+def axis_names(inputs: list[tuple[str, list[Any]]]) -> dict[str, str]:
+    """ONNX names for the exporter's symbolic input dims: ``batch`` and ``sequence``.
+
+    `inputs`: (name, shape) per graph input, symbolic dims as strings. Every auto-named symbol
+    (``s72``) at dim 0 becomes ``batch``, shared by all inputs (torch.export may give
+    ``input_ids`` and ``attention_mask`` separate batch symbols; they are one batch). The first
+    auto-named symbol at dim 1 becomes ``sequence``; another, independent one (say a decoder
+    length beside an encoder length) becomes ``sequence_2``, and so on: a shared name would claim
+    they are equal. Names chosen by the user (``Dim("tokens")``) are kept.
+
+    Example::
+
+        >>> axis_names([("input_ids", ["s72", "s53"]), ("attention_mask", ["s43", "s53"])])
+        {'s72': 'batch', 's53': 'sequence', 's43': 'batch'}
+    """
+    mapping: dict[str, str] = {}
+    sequences = 0
+    for _, shape in inputs:
+        for dim, d in enumerate(shape):
+            if not isinstance(d, str) or not _AUTO_SYMBOL.match(d) or d in mapping:
+                continue
+            if dim == 0:
+                mapping[d] = BATCH
+            elif dim == 1:
+                sequences += 1
+                mapping[d] = SEQUENCE if sequences == 1 else f"{SEQUENCE}_{sequences}"
+    return mapping
