@@ -352,7 +352,8 @@ def base_captured_config(base: nn.Module, example: dict[str, torch.Tensor]) -> T
     spec = cbx.Spec(targets=TARGETS, rank=8, num_masks=2, density=0.5,
                     trainable=list(BASE_TRAINABLE))
     tm = cbx.transform(base, spec, example_kwargs={"input_ids": example["input_ids"],
-                                                   "attention_mask": example["attention_mask"]})
+                                                   "attention_mask": example["attention_mask"]},
+                       blocks=None)  # one flat graph per mode, so unrewrite sees every node
     removed = {m: len(unrewrite(g)) for m, g in tm.graphs.items()}
     tm.recompile()
     for a in cbx.adapters(tm).values():

@@ -38,6 +38,7 @@ from .onnx import CompareReport, ExportReport, compare_onnx, export_onnx, verify
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
+from .weights import load_base_weights
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "adapters",
     "delta_weights",
     "fold",
+    "load_base_weights",
     "merged_state_dict",
     "save_adapter",
     "load_adapter",

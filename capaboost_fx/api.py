@@ -285,6 +285,7 @@ def transform(
     *,
     blocks: Any = "auto",
     checkpoint: Any = None,
+    modes: tuple[str, ...] = ("train", "eval"),
 ) -> CapaBoostModel:
     """Capture `model` and rewrite the linear ops `spec` names into CapaBoost training form.
 
@@ -299,6 +300,8 @@ def transform(
     checkpoint each): ``"auto"`` (transformer layers: ``_no_split_modules`` or ModuleList
     entries), a list of patterns such as ``["model.layers.*"]``, or None.
     ``checkpoint``: activation checkpointing per block: ``True`` (every block) or patterns.
+    ``modes``: the modes captured now; ``("train",)`` halves transform time for large
+    models and captures eval on the first eval call (not inside ``torch.compile``).
     A model whose own checkpointing is on (``gradient_checkpointing_enable()``,
     ``torch.utils.checkpoint`` in its blocks) keeps it without asking.
 
@@ -348,6 +351,9 @@ def transform(
                       example=(to_meta(tuple(args)), to_meta(dict(kwargs))))
     _add_graph(tm, variant, captured)
     tm._add_variant(variant)
+    if "eval" in modes:
+        tm._build = _build_variant
+        tm.variant_for(args, kwargs, "eval")
     for name, block in tm.blocks().items():
         block.checkpoint = name in ck
     lost = sorted(b for b in ck if b in info["refused_blocks"])

@@ -75,10 +75,13 @@ class Variant:
         flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
         return pytree.tree_unflatten(list(self.fns[mode](module, *flat)), self.out_spec)
 
-    def signature(self) -> inspect.Signature:
+    def signature(self, names: list[str] | None = None) -> inspect.Signature:
+        """The captured call as a signature; positional names from the model's forward."""
         arg_spec, kw_spec = self.in_spec.children()
         P = inspect.Parameter
-        params = [P(f"arg{i}", P.POSITIONAL_ONLY) for i in range(arg_spec.num_children)]
+        names = list(names or [])
+        params = [P(names[i] if i < len(names) else f"arg{i}", P.POSITIONAL_OR_KEYWORD)
+                  for i in range(arg_spec.num_children)]
         params += [P(k, P.KEYWORD_ONLY if arg_spec.num_children else P.POSITIONAL_OR_KEYWORD)
                    for k in kw_spec.context]
         return inspect.Signature(params)
@@ -131,11 +134,21 @@ class GraphProgram(_Unpicklable, nn.Module):
         def forward(self: GraphProgram, *args: Any, **kwargs: Any) -> Any:
             return type(self).forward(self, *args, **kwargs)
 
-        forward.__signature__ = variant.signature()  # type: ignore[attr-defined]
+        twin = self.__dict__.get("_twin")
+        names = list(inspect.signature(twin.forward).parameters) if twin is not None else []
+        sig = variant.signature(names)  # a bound method drops the first parameter: self
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
         self.__dict__["forward"] = types.MethodType(forward, self)
 
     def mode(self) -> str:
         return "train" if self.training else "eval"
+
+    def recompile(self) -> None:
+        """Regenerate the code of every graph after a graph was changed in place."""
+        for v in self._variants:
+            v.compile()
 
     def variant_for(self, args: tuple, kwargs: dict, mode: str | None = None) -> Variant:
         """The variant that runs these inputs in `mode`, captured now if missing."""
@@ -154,8 +167,8 @@ class GraphProgram(_Unpicklable, nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = self.mode()
-        if torch.compiler.is_compiling():
-            variant = next(v for v in self._variants if mode in v.fns)
+        if torch.compiler.is_compiling():  # no capture inside a compiled region
+            variant = next((v for v in self._variants if mode in v.fns), self._variants[0])
         else:
             variant = self.variant_for(args, kwargs, mode)
         return variant.run(mode, self, args, kwargs)

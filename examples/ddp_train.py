@@ -29,12 +29,13 @@ SPEC = cbx.Spec(targets=["*.query", "*.value"], rank=4, num_masks=2, density=0.5
                 trainable=["classifier"], seed=11)
 
 
-def build_model() -> torch.nn.Module:
+def build_model(layers: int = 2) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)  # the same base model on every rank
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers,
                         num_attention_heads=4, intermediate_size=64, num_labels=2,
+                        max_position_embeddings=32,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config).double()
 
@@ -67,6 +68,26 @@ def train(train_model: torch.nn.Module, batches, rank: int, world: int, lr: floa
         opt.zero_grad()
 
 
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters materialized on this rank: local shards of sharded ones, full
+    tensors of unsharded (gathered) ones."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def track_peak_param_bytes(tm: torch.nn.Module) -> list[int]:
+    """Parameter bytes seen at the start and end of every block's forward (after FSDP2's
+    pre-forward all-gather): the peak is max() of the list."""
+    seen: list[int] = []
+    for block in [*tm.blocks().values(), tm]:
+        block.register_forward_pre_hook(lambda m, a: seen.append(param_bytes(tm)))
+        block.register_forward_hook(lambda m, a, o: seen.append(param_bytes(tm)))
+    return seen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="DDP / FSDP2 training of a CapaBoost module")
     parser.add_argument("--out", default="runs/ddp")
@@ -74,12 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="global batch size")
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--backend", default="gloo")
-    parser.add_argument("--engine", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--engine", choices=["ddp", "fsdp2", "fsdp2-blocks"], default="ddp",
+                        help="fsdp2: fully_shard the root only; fsdp2-blocks: each transformer "
+                             "block, then the root (torchtitan's recipe)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="activation checkpointing on every block")
     args = parser.parse_args(argv)
 
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tm = cbx.transform(build_model(), SPEC, example_kwargs=example_inputs())
+    tm = cbx.transform(build_model(args.layers), SPEC, example_kwargs=example_inputs(),
+                       checkpoint=True if args.checkpoint else None)
+    full_bytes = param_bytes(tm)
     adapters = cbx.adapters(tm)
     mask_digest = digest([t for a in adapters.values() for t in (a.mask_A, a.mask_B)])
     init_digest = digest([a.A for a in adapters.values()])
@@ -91,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        if args.engine == "fsdp2-blocks":
+            for block in tm.blocks().values():  # each block's weights gathered around it only
+                fully_shard(block)
         engine = fully_shard(tm)
+    peak = track_peak_param_bytes(tm)
     train(engine, global_batches(args.steps, args.batch), rank, world, args.lr)
 
     if args.engine == "fsdp2":  # gather full tensors of the sharded parameters
@@ -110,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"world_size": world, "engine": args.engine,
                    "masks_equal": len({d[0] for d in digests}) == 1,
                    "init_equal": len({d[1] for d in digests}) == 1,
-                   "params_equal": len({d[2] for d in digests}) == 1}
+                   "params_equal": len({d[2] for d in digests}) == 1,
+                   "peak_forward_param_fraction": round(max(peak) / full_bytes, 4)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
     dist.barrier()

@@ -224,23 +224,29 @@ class _CheckpointRecorder:
             if recorder.stack:
                 recorder.stack.pop()
 
-        def checkpoint(function: Any, *args: Any, use_reentrant: Any = None,
-                       context_fn: Any = None, determinism_check: Any = None,
-                       debug: Any = None, early_stop: Any = None,
-                       preserve_rng_state: Any = None, **kwargs: Any) -> Any:
+        def without_reentrant(function: Any, *rest: Any, **kwargs: Any) -> Iterator[None]:
             recorder._record(function)
-            return function(*args, **kwargs)
+            yield
+
+        class Reentrant:
+            @staticmethod
+            def apply(function: Any, preserve: Any, *args: Any) -> Any:
+                recorder._record(function)
+                return function(*args)
 
         handles = [nn.modules.module.register_module_forward_pre_hook(pre),
                    nn.modules.module.register_module_forward_hook(post)]
-        saved = torch_checkpoint.checkpoint
-        # Hugging Face keeps `functools.partial(checkpoint, ...)` made before capture; its
-        # layers carry `gradient_checkpointing = True`, which `hf_checkpointed` reads instead.
-        torch_checkpoint.checkpoint = checkpoint
+        # `checkpoint()` looks these up at call time, so a region runs its function plainly
+        # and is recorded, however the user reached checkpoint (import, functools.partial).
+        saved = (torch_checkpoint._checkpoint_without_reentrant_generator,
+                 torch_checkpoint.CheckpointFunction)
+        torch_checkpoint._checkpoint_without_reentrant_generator = without_reentrant
+        torch_checkpoint.CheckpointFunction = Reentrant
         try:
             yield
         finally:
-            torch_checkpoint.checkpoint = saved
+            (torch_checkpoint._checkpoint_without_reentrant_generator,
+             torch_checkpoint.CheckpointFunction) = saved
             for h in handles:
                 h.remove()
 

@@ -183,9 +183,9 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
                                 graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)}))
     constants = _constants_of([v.graphs["eval"] for v in variants], tm)
     fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
+    object.__setattr__(fm, "_twin", tm._twin)
     for v in variants:
         fm._add_variant(v)
-    object.__setattr__(fm, "_twin", tm._twin)
     object.__setattr__(fm, "_targets", tuple(adapters(tm)))
     object.__setattr__(fm, "_dense_targets", nonlinear)
     fm._build = _build_folded
