@@ -73,6 +73,8 @@ class Variant:
 
     def run(self, mode: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
+        # Graphs are captured for contiguous inputs (views are made contiguous at capture).
+        flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in flat]
         return pytree.tree_unflatten(list(self.fns[mode](module, *flat)), self.out_spec)
 
     def signature(self, names: list[str] | None = None) -> inspect.Signature:

@@ -228,3 +228,31 @@ def test_call_like_the_model_new_argument_structures() -> None:
     with torch.no_grad():
         torch.testing.assert_close(deploy(input_ids=ids).logits, a, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(deploy(ids).logits, a, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_trains_without_extra_arguments_and_noncontiguous_example() -> None:
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(cfg)
+    big = torch.randint(0, 64, (4, 40))
+    ids, labels = big[:2, :16], big[2:, 20:28]  # views: non-contiguous example inputs
+    tm = cbx.transform(t5, cbx.Spec(targets=["*.q", "*.v"], rank=2),
+                       example_kwargs={"input_ids": ids, "labels": labels})
+    _nonzero(tm)
+    tm.train()
+    loss = tm(input_ids=big[:3, :12], labels=big[1:4, 5:11]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    tm.eval()
+    ref = cbx.fold(tm)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids, labels=labels).logits,
+                                   tm(input_ids=ids, labels=labels).logits)
+
+
+def test_modules_refuse_pickling_in_words(tmp_path) -> None:
+    tm = cbx.transform(tiny_llama(), SPEC, example_kwargs={"input_ids": torch.randint(0, 96, (2, 8))})
+    with pytest.raises(cbx.CapaBoostError, match="save_adapter"):
+        torch.save(tm, tmp_path / "tm.pt")
+    copy.deepcopy(tm)  # deepcopy still works
