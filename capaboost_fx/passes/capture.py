@@ -294,7 +294,7 @@ def _explain_failure(model: nn.Module, mode: str, err: Exception) -> str:
                      "giving it a Dim range, or dynamic_shapes={} for static shapes")
     if not hints:
         hints.append("pass dynamic_shapes=... to fix which dims may vary (see torch.export.Dim), "
-                     "or check that the model runs eagerly with these inputs")
+                     "or check that the model runs eagerly with these example inputs")
     return (f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    "
             f"{short}\nTry: " + "; or ".join(hints) + ".")
 
@@ -441,8 +441,9 @@ class InputGuard:
             else:
                 hint = ("This is not a shape: the example fixed a non-tensor argument's value; "
                         "call with the same value, or leave the argument out of the example.")
+            what = "shapes" if shape else "graph"
             raise InputError(
-                f"input does not fit the graph captured in {self.mode} mode ({text}). {hint}"
+                f"input does not fit the {what} captured in {self.mode} mode ({text}). {hint}"
             ) from None
 
     def __repr__(self) -> str:
