@@ -239,7 +239,9 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
                 "this call; the model computes it differently here, so its adapter cannot apply."
             )
         targets[name] = cand
-    rewrite(graph, targets, mode)
+    changed = rewrite(graph, targets, mode)
+    if variant.key == 0:
+        tm.capture_info.setdefault("sites", {})[mode] = len(changed)
     variant.flat[mode] = copy.deepcopy(graph, {id(variant.in_spec): variant.in_spec,
                                                id(variant.out_spec): variant.out_spec})
     plan = tm.capture_info["blocks"]
@@ -336,7 +338,7 @@ def transform(
     _install_blocks(shell, split)
     info = {
         "targets": list(selection.targets),
-        "skipped": selection.skipped,
+        "skipped": {n: r.message for n, r in selection.skipped.items()},
         "trainable": trainable,
         "blocks": split,
         "explicit_blocks": sorted(explicit),
@@ -438,6 +440,14 @@ def inspect(
                        live_params=live)
             report.targets.append(row)
         else:
-            row["reason"] = selection.skipped.get(name, "")
+            why = selection.skipped.get(name)
+            opened = [t for t in probe.trainable if any(
+                pattern_matches(t, a) or pattern_matches(t, a.rpartition(".")[0])
+                for a in [name, c.fqn, *c.aliases])]
+            if opened and why is not None and why.kind == "not_matched":
+                row.update(kind="trainable", reason=f"trained in full (Spec.trainable "
+                           f"{opened[0]!r}), not adapted")
+            else:
+                row.update(kind=why.kind if why else "", reason=why.message if why else "")
             report.skipped.append(row)
     return report

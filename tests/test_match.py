@@ -76,3 +76,20 @@ def test_parameter_not_named_weight_keeps_its_name() -> None:
     names = {s["name"] for s in report.skipped}
     assert "layers.0.self_attn.in_proj_weight" in names
     assert "layers.0.self_attn.out_proj" in names and "layers.0.linear1" in names
+
+
+def test_rejections_have_kinds_and_trainable_is_not_called_unmatched() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    spec = cbx.Spec(targets=["*"], exclude=["2"], rank=2, trainable=["4"])
+    report = cbx.inspect(mlp, spec, (x,))
+    kinds = {s["name"]: (s["kind"], s["reason"]) for s in report.skipped}
+    assert kinds["2"] == ("excluded", "excluded by '2'")
+    assert {t["name"] for t in report.targets} == {"0", "4"}
+    narrow = cbx.inspect(mlp, cbx.Spec(targets=["0"], rank=2, trainable=["4"]), (x,))
+    rows = {s["name"]: s for s in narrow.skipped}
+    assert rows["4"]["kind"] == "trainable" and "Spec.trainable" in rows["4"]["reason"]
+    assert rows["2"]["kind"] == "not_matched"
+    big_rank = cbx.inspect(mlp, cbx.Spec(targets=["*"], rank=12), (x,))
+    assert {s["name"]: s["kind"] for s in big_rank.skipped}["4"] == "settings"

@@ -191,12 +191,26 @@ def find_candidates(
 
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """Why a candidate was not adapted. ``kind``: ``"not_matched"`` (no targets entry names
+    it), ``"excluded"`` (an exclude entry does), ``"unsupported"`` (the weight cannot be
+    adapted: tied with a non-linear use, integer, mixed layouts, missing from a mode's graph),
+    ``"settings"`` (the resolved rank or mask does not fit its shape)."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class Selection:
     """The outcome of matching a spec against the candidates."""
 
     targets: dict[str, Candidate]
-    skipped: dict[str, str]  # name -> reason
+    skipped: dict[str, Rejection]  # name -> why
     unmatched: list[str]  # spec.targets entries that matched no candidate
 
 
@@ -212,14 +226,14 @@ def select(candidates: dict[str, Candidate], spec: Spec) -> Selection:
         hit = [p for p in spec.targets if any(pattern_matches(p, n) for n in names)]
         excl = [p for p in spec.exclude if any(pattern_matches(p, n) for n in names)]
         if not hit:
-            skipped[name] = "not matched by targets" + (
-                f" (and could not be: {c.reason})" if c.reason else "")
+            skipped[name] = Rejection("not_matched", "not matched by targets" + (
+                f" (and could not be: {c.reason})" if c.reason else ""))
         elif excl:
-            skipped[name] = f"excluded by {excl[0]!r}"
+            skipped[name] = Rejection("excluded", f"excluded by {excl[0]!r}")
         elif c.reason:
-            skipped[name] = c.reason
+            skipped[name] = Rejection("unsupported", c.reason)
         elif (why := _settings_problem(spec.for_target(name), c)) is not None:
-            skipped[name] = why
+            skipped[name] = Rejection("settings", why)
         else:
             targets[name] = c
     unmatched = [p for p in spec.targets
@@ -258,9 +272,9 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) ->
     for p in spec.targets:  # a pattern whose every hit was rejected for a reason
         hits = [n for n, c in candidates.items() if any(pattern_matches(p, a) for a in _names(c))]
         if hits and not any(h in selection.targets for h in hits):
-            reasons = {h: selection.skipped[h] for h in hits[:3]}
+            reasons = {h: selection.skipped[h].message for h in hits[:3]}
             kind = TargetNotFoundError if all(
-                r.startswith("excluded") for r in reasons.values()) else TargetError
+                selection.skipped[h].kind == "excluded" for h in hits) else TargetError
             raise kind(
                 f"Spec.targets entry {p!r} matched {len(hits)} linear op(s) but none can be "
                 f"adapted: {reasons}. Change targets/exclude (or rank) so that it keeps one."
@@ -268,9 +282,9 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) ->
     exact = [p for p in spec.targets
              if not any(ch in p for ch in "*?[") and not p.startswith("re:")]
     for p in exact:
-        if p in selection.skipped and p in candidates and not selection.skipped[p].startswith(
-                ("excluded", "not matched")):
-            raise TargetError(f"target {p!r} cannot be adapted: {selection.skipped[p]}.")
+        why = selection.skipped.get(p)
+        if why is not None and p in candidates and why.kind not in ("excluded", "not_matched"):
+            raise TargetError(f"target {p!r} cannot be adapted: {why.message}.")
     if not selection.targets:
         raise TargetNotFoundError(
             f"no target left: targets={spec.targets} matched {len(candidates)} candidates, "
