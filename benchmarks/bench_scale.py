@@ -137,8 +137,12 @@ def activation_rows(args: argparse.Namespace) -> dict:
     tm = cbx.transform(model, SPEC, example_kwargs={"input_ids": ids[:2, :16],
                                                     "labels": ids[:2, :16]})
     tm.train()
-    ours = saved_bytes(lambda: tm(input_ids=ids, labels=ids).loss)
-    del tm
+
+    def ours_step() -> torch.Tensor:
+        return tm(input_ids=ids, labels=ids).loss
+
+    ours = saved_bytes(ours_step)
+    tm = None  # free it before PEFT runs
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
                                                     target_modules=["q_proj", "v_proj"]))
     pm.train()

@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import FoldError, SpecError
 from .masks import make_masks, stable_seed
-from .spec import scaling_factor
-
-ACTIVATIONS = {
-    "identity": nn.Identity,
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-}
+from .spec import ACTIVATIONS, scaling_factor
 
 
 class CapaBoostAdapter(nn.Module):
@@ -54,6 +47,8 @@ class CapaBoostAdapter(nn.Module):
         mask: str = "random",
         seed: int = 0,
         name: str = "",
+        weight_fqn: str = "",
+        layout: str = "out_in",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         activation: str = "identity",
@@ -68,6 +63,12 @@ class CapaBoostAdapter(nn.Module):
         self.init, self.scaling_rule = init, scaling_rule
         self.scaling = scaling_factor(alpha, rank, num_masks, density, scaling_rule)
         self.name = name
+        # The adapted weight's parameter name in your model, and how it is stored:
+        # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D: the fold adds ΔWᵀ).
+        self.weight_fqn = weight_fqn or (f"{name}.weight" if name else "weight")
+        if layout not in ("out_in", "in_out"):
+            raise SpecError(f"adapter layout must be 'out_in' or 'in_out', got {layout!r}")
+        self.layout = layout
         self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         # A from a local generator (reproducible); B = 0, so the adapted model equals the base
@@ -82,7 +83,7 @@ class CapaBoostAdapter(nn.Module):
             bound = 1.0 / math.sqrt(rank)
             a0.uniform_(-bound, bound, generator=gen)
         else:
-            raise ValueError(f"unknown init {init!r}; allowed: 'standard', 'official'")
+            raise SpecError(f"unknown init {init!r}; allowed: 'standard', 'official'")
         with torch.no_grad():
             self.A.copy_(a0)
         self.register_buffer(
@@ -116,7 +117,7 @@ class CapaBoostAdapter(nn.Module):
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW = s · B_cat A_cat (out × in) computed in `dtype` (linear adapters only)."""
         if not self.linear:
-            raise ValueError(f"adapter {self.name!r} has a {self.activation} activation: its "
+            raise FoldError(f"adapter {self.name!r} has a {self.activation} activation: its "
                              "update is not a weight delta")
         a_cat, b_cat = self.factors()
         return (b_cat.to(dtype) @ a_cat.to(dtype)) * self.scaling

@@ -23,7 +23,7 @@ from .errors import (
     close_names,
 )
 from .masks import make_masks
-from .model import BlockProgram, CapaBoostModel, FoldedModel, GraphProgram, Variant
+from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
     default_dynamic_shapes,
@@ -171,16 +171,12 @@ def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> 
     spec = spec.for_target(name)
     w = c.param
     dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-    extra = {k: getattr(spec, k) for k in ("init",) if hasattr(spec, k)}
-    if hasattr(spec, "scaling"):
-        extra["scaling_rule"] = spec.scaling
     adapter = CapaBoostAdapter(
         c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
-        dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, dtype=dtype,
-        device=None if device.type == "meta" else device, activation=spec.activation, **extra,
+        dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, weight_fqn=c.fqn,
+        layout=c.layout, dtype=dtype, device=None if device.type == "meta" else device,
+        activation=spec.activation, init=spec.init, scaling_rule=spec.scaling,
     )
-    adapter.weight_fqn = c.fqn
-    adapter.layout = c.layout
     return adapter
 
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
-from torch.fx.graph_module import _forward_from_src
 from torch.fx import _pytree as fx_pytree
+from torch.fx.graph_module import _forward_from_src
 from torch.utils import _pytree as pytree
 
 from .adapter import CapaBoostAdapter

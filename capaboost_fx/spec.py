@@ -20,11 +20,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from .errors import SpecError, SpecTypeError
 from .masks import is_known_kind, mask_kinds, nm_density
 
 METHODS = ("lora", "padapter")
-ACTIVATIONS = ("identity", "relu", "gelu", "tanh", "silu")
+# Activation name -> module class (the one list; adapter.py builds its modules from it).
+ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
+               "silu": nn.SiLU}
 #: Initialisations of A (B starts at zero in both): "standard" is loralib/PEFT's kaiming-uniform
 #: over A's input dimension, U(±1/√in); "official" is the official CapaBoost code's, U(±1/√r).
 INITS = ("standard", "official")

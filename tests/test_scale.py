@@ -170,7 +170,7 @@ def test_user_torch_utils_checkpoint_and_checkpoint_by_pattern() -> None:
         outs.append((y.detach(), [a.A.grad.clone() for a in cbx.adapters(m).values()]))
     for y, g in outs[1:]:
         torch.testing.assert_close(y, outs[0][0])
-        for a, b in zip(g, outs[0][1]):
+        for a, b in zip(g, outs[0][1], strict=True):
             torch.testing.assert_close(a, b)
     with pytest.raises(cbx.TargetNotFoundError, match="names no module"):
         cbx.transform(net, cbx.Spec(targets=["*.fc1"], rank=2), example_inputs=(x,),

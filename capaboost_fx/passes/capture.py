@@ -370,7 +370,7 @@ def _written_state(graph: fx.Graph) -> list[str]:
         schema = getattr(n.target, "_schema", None)
         if n.op != "call_function" or schema is None:
             continue
-        for arg, a in zip(schema.arguments, n.args):
+        for arg, a in zip(schema.arguments, n.args, strict=False):
             if (arg.alias_info is not None and arg.alias_info.is_write and
                     isinstance(a, fx.Node) and a.op == "get_attr" and
                     a.target.startswith(BASE + ".")):

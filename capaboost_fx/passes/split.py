@@ -84,7 +84,7 @@ def split_blocks(graph: fx.Graph, blocks: list[str], key: int) -> SplitResult:
             env[a].meta = dict(a.meta)
         prefix = _attr_prefix(block)
         for n in region:
-            new = sub.node_copy(n, lambda a: env[a])
+            new = sub.node_copy(n, env.__getitem__)
             if new.op in ("get_attr", "call_module"):
                 new.target = new.target[len(prefix):]
             env[n] = new
@@ -96,9 +96,9 @@ def split_blocks(graph: fx.Graph, blocks: list[str], key: int) -> SplitResult:
             call = graph.call_module(f"{BASE}.{block}", (key, *inputs))
             call.meta["capaboost_block"] = block
             outs = [graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
-        for o, new in zip(outputs, outs):
+        for o, new in zip(outputs, outs, strict=True):
             new.meta = dict(o.meta)
-            o.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
+            o.replace_all_uses_with(new, delete_user_cb=lambda u, m=members: u not in m)
         for n in reversed(region):
             graph.erase_node(n)
         result.blocks[block] = sub
