@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = track_peak_param_bytes(tm)
     train(engine, global_batches(args.steps, args.batch), rank, world, args.lr)
 
-    if args.engine == "fsdp2":  # gather full tensors of the sharded parameters
+    if args.engine.startswith("fsdp2"):  # gather full tensors of the sharded parameters
         state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
                  for n, p in tm.named_parameters() if p.requires_grad}
     else:
