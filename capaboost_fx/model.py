@@ -274,6 +274,18 @@ class CapaBoostModel(GraphProgram):
         self.capture_info = info
         object.__setattr__(self, "_twin", twin)  # meta copy of your model: captures run on it
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.__dict__.get("_weights_ready") and not torch.compiler.is_compiling():
+            meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
+            if meta:
+                raise InputError(
+                    f"{len(meta)} weights of the model are still on the meta device (e.g. "
+                    f"{meta[0]}): it was built without weights. Load them first with "
+                    "capaboost_fx.load_base_weights(train_model, checkpoint_dir)."
+                )
+            self.__dict__["_weights_ready"] = True
+        return super().forward(*args, **kwargs)
+
     def adapters(self) -> dict[str, CapaBoostAdapter]:
         return {m.name: m for m in self.modules() if isinstance(m, CapaBoostAdapter)}
 

@@ -189,6 +189,8 @@ def test_meta_model_loads_weights_from_shards_bf16_base_fp32_adapters(tmp_path) 
     assert any(p.is_meta for p in tm.base_model.parameters())
     with pytest.raises(cbx.CapaBoostError, match="meta"):
         cbx.fold(tm)
+    with pytest.raises(cbx.CapaBoostError, match="load_base_weights"):
+        tm(input_ids=ids, labels=ids)
     report = cbx.load_base_weights(tm, tmp_path)
     assert report["loaded"] > 0 and not report["unexpected"]
     assert not any(p.is_meta for p in tm.parameters())
