@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               "step_ratio_min_max": [min(ratios), max(ratios)],
               "fold_max_abs_diff_bf16_autocast": diff}
     try:
-        from capaboost_fx.runtime import open_session
+        from capaboost_fx.onnx import open_session
 
         cpu_batch = {k: v.cpu() for k, v in example.items()}
         deploy_cpu = cbx.fold(tm.float().cpu())
