@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from ._version import __version__
 from .adapter import CapaBoostAdapter
 from .analysis import rank_report, report
 from .api import InspectReport, inspect, transform
@@ -39,8 +40,6 @@ from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
 from .weights import load_base_weights
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Spec",

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._version import __version__
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
@@ -37,8 +38,9 @@ from .errors import (
     FileWriteError,
     close_names,
 )
+from .model import require_training
 from .passes.capture import BASE
-from .passes.fold import _require, adapters
+from .passes.fold import adapters
 from .spec import Spec
 
 FORMAT = "capaboost_fx.adapter"
@@ -46,8 +48,6 @@ FORMAT_VERSION = 1
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -166,7 +166,7 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    tm = _require(train_model, "save_adapter()")
+    tm = require_training(train_model, "save_adapter()")
     base = getattr(tm, BASE)
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, Any] = {}

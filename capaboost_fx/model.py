@@ -33,7 +33,7 @@ from torch.fx.graph_module import _forward_from_src
 from torch.utils import _pytree as pytree
 
 from .adapter import CapaBoostAdapter
-from .errors import CapaBoostError, InputError
+from .errors import CapaBoostError, InputError, NotTransformedError
 
 
 def _compile(graph: fx.Graph) -> tuple[Callable[..., Any], str]:
@@ -322,3 +322,15 @@ class FoldedModel(GraphProgram):
 
     def mode(self) -> str:
         return "eval"
+
+
+def require_training(obj: object, what: str) -> CapaBoostModel:
+    """`obj` as a training module, or a `NotTransformedError` saying what to pass instead."""
+    if not isinstance(obj, CapaBoostModel):
+        hint = ("it is already folded; pass the training module instead"
+                if isinstance(obj, FoldedModel) else
+                "pass the module capaboost_fx.transform(model, spec, ...) returned")
+        raise NotTransformedError(
+            f"{what} needs a transformed module, got {type(obj).__name__}: {hint}."
+        )
+    return obj

@@ -20,8 +20,9 @@ import torch
 
 from .errors import TargetError
 from .io import atomic_write
+from .model import require_training
 from .passes.capture import BASE
-from .passes.fold import _require, adapters
+from .passes.fold import adapters
 
 
 def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
@@ -33,7 +34,7 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    tm = _require(train_model, "to_peft_lora()")
+    tm = require_training(train_model, "to_peft_lora()")
     base = getattr(tm, BASE)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

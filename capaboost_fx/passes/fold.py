@@ -16,27 +16,16 @@ import torch
 from torch import nn
 
 from ..adapter import CapaBoostAdapter, DenseAdapter
-from ..errors import FoldError, NotTransformedError
-from ..model import CapaBoostModel, FoldedModel, Variant
+from ..errors import FoldError
+from ..model import CapaBoostModel, FoldedModel, Variant, require_training
 from .capture import BASE, CONSTANTS
 from .match import find_candidates
 from .rewrite import adapter_key, rewrite, unrewrite
 
 
-def _require(train_model: object, what: str) -> CapaBoostModel:
-    if not isinstance(train_model, CapaBoostModel):
-        hint = ("it is already folded; fold the training module instead"
-                if isinstance(train_model, FoldedModel) else
-                "pass the module capaboost_fx.transform(model, spec, ...) returned")
-        raise NotTransformedError(
-            f"{what} needs a transformed module, got {type(train_model).__name__}: {hint}."
-        )
-    return train_model
-
-
 def adapters(train_model: CapaBoostModel) -> dict[str, CapaBoostAdapter]:
     """``{target name: adapter}`` of a training module."""
-    return _require(train_model, "adapters()").adapters()
+    return require_training(train_model, "adapters()").adapters()
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -53,7 +42,7 @@ def delta_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     """``{weight fqn: W0 + ΔW}`` in W0's dtype and storage layout, checked finite."""
-    tm = _require(train_model, "fold")
+    tm = require_training(train_model, "fold")
     base = getattr(tm, BASE)
     out = {}
     for name, a in adapters(tm).items():
@@ -110,7 +99,7 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     gives an eager model equal to the folded one (e.g. to ``save_pretrained``). Only the
     merged target weights are new tensors; the rest share storage with the training module
     (and, for frozen weights, with your model)."""
-    tm = _require(train_model, "merged_state_dict()")
+    tm = require_training(train_model, "merged_state_dict()")
     nonlinear = [n for n, a in adapters(tm).items() if not a.linear]
     if nonlinear:
         raise FoldError(
@@ -165,7 +154,7 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         >>> deploy = capaboost_fx.fold(train_model)          # doctest: +SKIP
         >>> deploy(input_ids).logits                          # doctest: +SKIP
     """
-    tm = _require(train_model, "fold()")
+    tm = require_training(train_model, "fold()")
     if example_inputs or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         tm.variant_for(args, dict(example_kwargs or {}), "eval")
