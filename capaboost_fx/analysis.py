@@ -42,4 +42,12 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
     return out
 
 
-report = rank_report
+
+
+def report(train_model: Any, top: int | None = None) -> dict[str, dict[str, Any]]:
+    """Deprecated alias of `rank_report`."""
+    import warnings
+
+    warnings.warn("capaboost_fx.report is deprecated; use capaboost_fx.rank_report",
+                  DeprecationWarning, stacklevel=2)
+    return rank_report(train_model, top)

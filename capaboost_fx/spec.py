@@ -16,7 +16,7 @@ import functools
 import inspect
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,12 +324,6 @@ class Spec:
         """The scale s of this spec's own settings (overrides not applied), per `scaling`."""
         return scaling_factor(self.alpha, self.rank, self.num_masks, self.density, self.scaling)
 
-    def selects(self, name: str) -> bool:
-        """True if `name` is matched by `targets` and not by `exclude`."""
-        return any(pattern_matches(p, name) for p in self.targets) and not any(
-            pattern_matches(p, name) for p in self.exclude
-        )
-
     def for_target(self, name: str) -> Spec:
         """The settings that apply to target `name`: this spec with every matching override
         applied in order (later entries win)."""
@@ -364,7 +358,3 @@ class Spec:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def matching(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
-    """The names matched by any of the patterns, in the order of `names`."""
-    patterns = list(patterns)
-    return [n for n in names if any(pattern_matches(p, n) for p in patterns)]
