@@ -1,0 +1,78 @@
+"""onnxruntime-genai export (capaboost_fx.onnx.genai): a CapaBoost-adapted tiny LLaMA, merged,
+built with onnxruntime_genai.models.builder offline, greedy tokens equal transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import capaboost_fx as cbx
+
+og = pytest.importorskip("onnxruntime_genai")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from capaboost_fx.onnx.genai import export_genai  # noqa: E402
+
+
+def _tokenizer(folder):
+    """A tiny byte-level BPE tokenizer, trained offline and saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world"] * 10
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_capaboost_llama_builds_and_generates_the_same_tokens(tmp_path):
+    tok = _tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, len(tok), (2, 8))
+    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=4, num_masks=2, density=0.5)
+    tm = cbx.transform(model, spec, example_kwargs={"input_ids": ids})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in cbx.adapters(tm).values():
+            adapter.B.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.5)
+    rep = export_genai(tm, tmp_path / "out", base_model=model, tokenizer_dir=tmp_path / "tok",
+                       new_tokens=10)
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= set(rep.files)
+    assert rep.verified and rep.tokens_match, rep
+    assert len(rep.onnx_tokens) == 10 and rep.prompt_ids == tok("hello world, the quick "
+                                                                "brown fox").input_ids
+    # It is the adapted model that was built: the base model generates something else.
+    with torch.no_grad():
+        base = model.generate(torch.tensor([rep.prompt_ids]), do_sample=False,
+                              max_new_tokens=10, min_new_tokens=10)[0, len(rep.prompt_ids):]
+    assert base.tolist() != rep.onnx_tokens
+    # The merged checkpoint holds the fold's weights; the caller's model is untouched.
+    merged = transformers.LlamaForCausalLM.from_pretrained(rep.checkpoint_dir)
+    w = merged.model.layers[0].self_attn.q_proj.weight
+    delta = cbx.delta_weights(tm)["model.layers.0.self_attn.q_proj"]
+    torch.testing.assert_close(w, model.model.layers[0].self_attn.q_proj.weight + delta)
+
+
+def test_refuses_a_checkpoint_without_tokenizer(tmp_path):
+    from capaboost_fx.errors import InputError
+
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(InputError, match="no tokenizer"):
+        export_genai(tmp_path / "hf", tmp_path / "out")
+    with pytest.raises(InputError, match="precision='fp64'"):
+        export_genai(tmp_path / "hf", tmp_path / "out", precision="fp64")
