@@ -8,6 +8,7 @@
 | `runtime` | `open_session` (honest provider choice), `measure_latency` (the one latency timer) |
 | `optimize` | `fuse_for_ort`, `quantize_int8`, `optimize_transformer` |
 | `shapes` | `auto_dynamic_shapes`, `axis_names` (``batch``, ``sequence``) |
+| `genai` | `export_genai`: decoder LLMs via onnxruntime-genai (optional; import it directly) |
 
 Example::
 
