@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tm = cbx.transform(build_model(args.layers), SPEC, example_kwargs=example_inputs(),
+    device = torch.device("cpu")
+    if args.backend == "nccl":  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    tm = cbx.transform(build_model(args.layers).to(device), SPEC,
+                       example_kwargs=example_inputs(),
                        checkpoint=True if args.checkpoint else None)
     full_bytes = param_bytes(tm)
     adapters = cbx.adapters(tm)
@@ -124,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 fully_shard(block)
         engine = fully_shard(tm)
     peak = track_peak_param_bytes(tm)
-    train(engine, global_batches(args.steps, args.batch), rank, world, args.lr)
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in global_batches(args.steps, args.batch)]
+    train(engine, batches, rank, world, args.lr)
 
     if args.engine.startswith("fsdp2"):  # gather full tensors of the sharded parameters
         state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()

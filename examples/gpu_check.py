@@ -30,6 +30,82 @@ def _step(model, opt, batch) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def decoder_check(args: argparse.Namespace) -> dict:
+    """bf16 LLaMA-shaped decoder, gradient checkpointing on: step time and peak CUDA memory of
+    capaboost_fx vs PEFT LoRA r=8 (q/v), interleaved rounds, same weights."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device("cuda")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.dec_hidden,
+                      intermediate_size=args.dec_hidden * 11 // 4,
+                      num_hidden_layers=args.dec_layers, num_attention_heads=args.dec_hidden // 128,
+                      num_key_value_heads=args.dec_hidden // 256, use_cache=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(dev, torch.bfloat16)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, cfg.vocab_size, (args.dec_batch, args.dec_seq), device=dev)
+    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=8, num_masks=2, density=0.5)
+    tm = cbx.transform(base, spec, example_kwargs={"input_ids": ids[:2, :16],
+                                                   "labels": ids[:2, :16]}).train()
+    lora = peft.get_peft_model(base, peft.LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj"])).train()
+    arms = {"capaboost_fx": tm, "peft": lora}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for k, m in arms.items()}
+
+    def step(name: str) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        arms[name](input_ids=ids, labels=ids).loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    peak = {}
+    for name in arms:  # warm-up, then the peak of one step on its own
+        step(name)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(name)
+        peak[name] = torch.cuda.max_memory_allocated() - before
+    ratios = []
+    for _ in range(args.rounds):
+        t = {name: step(name) for name in arms}
+        ratios.append(t["capaboost_fx"] / t["peft"])
+    return {"decoder_params": sum(p.numel() for p in base.parameters()),
+            "blocks_checkpointed": sum(b.checkpoint for b in tm.blocks().values()),
+            "batch": args.dec_batch, "seq": args.dec_seq,
+            "step_ratio_vs_peft": statistics.median(ratios),
+            "peak_step_memory_ratio_vs_peft": peak["capaboost_fx"] / peak["peft"],
+            "peak_step_bytes": peak}
+
+
+def fsdp_check() -> dict:
+    """Per-block FSDP2 on every GPU of this machine (nccl): the per-rank peak parameter
+    memory during forward as a fraction of the unsharded model (examples/ddp_train.py)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        return {"fsdp_per_block": f"needs >= 2 GPUs, found {n}; the CPU figure comes from "
+                                  "pytest tests/test_distributed.py -k per_block -s"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tempfile.mkdtemp()
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(n),
+                           os.path.join(here, "ddp_train.py"), "--engine", "fsdp2-blocks",
+                           "--backend", "nccl", "--layers", "12", "--checkpoint", "--out", out],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        return {"fsdp_per_block_error": proc.stderr[-2000:]}
+    with open(os.path.join(out, "summary.json")) as f:
+        return {"fsdp_per_block": json.load(f)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/gpu_check.json")
@@ -37,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--dec-hidden", type=int, default=2048)
+    parser.add_argument("--dec-layers", type=int, default=16)
+    parser.add_argument("--dec-batch", type=int, default=4)
+    parser.add_argument("--dec-seq", type=int, default=2048)
     args = parser.parse_args(argv)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     os.makedirs("runs", exist_ok=True)
@@ -96,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         result["onnxruntime_providers"] = sess.providers
     except Exception as e:  # report, do not hide: the GPU training figures still stand
         result["onnxruntime_error"] = f"{type(e).__name__}: {e}"
+    for part in (lambda: decoder_check(args), fsdp_check):
+        try:
+            result.update(part())
+        except Exception as e:  # report, do not hide
+            result.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
