@@ -81,6 +81,17 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def one_step_extra(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """RSS growth of one AdamW step (gradients and optimizer state of the adapters)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with Peak() as t:
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return t.end - t.start
+
+
 def memory_rows(args: argparse.Namespace) -> dict:
     import peft
 
@@ -95,17 +106,11 @@ def memory_rows(args: argparse.Namespace) -> dict:
     ours = {"transform_extra": (t.end - t.start) / nbytes, "transform_peak": (t.peak - t.start) / nbytes,
             "transform_seconds": tm.capture_info["transform_seconds"],
             "export_seconds": tm.capture_info["export_seconds"]}
-    opt = torch.optim.AdamW([p for p in tm.parameters() if p.requires_grad], lr=1e-3)
-    with Peak() as t:
-        tm.train()
-        tm(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    ours["step_extra"] = (t.end - t.start) / nbytes
+    ours["step_extra"] = one_step_extra(tm, ids) / nbytes
     with Peak() as t:
         deploy = cbx.fold(tm)
     ours["fold_extra"] = (t.end - t.start) / nbytes
-    del deploy, tm, opt
+    del deploy, tm
     gc.collect()
 
     with Peak() as t:
@@ -113,17 +118,11 @@ def memory_rows(args: argparse.Namespace) -> dict:
                                                         target_modules=["q_proj", "v_proj"]))
     theirs = {"transform_extra": (t.end - t.start) / nbytes,
               "transform_peak": (t.peak - t.start) / nbytes}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-    with Peak() as t:
-        pm.train()
-        pm(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    theirs["step_extra"] = (t.end - t.start) / nbytes
+    theirs["step_extra"] = one_step_extra(pm, ids) / nbytes
     with Peak() as t:
         merged = copy.deepcopy(pm).merge_and_unload()
     theirs["fold_extra"] = (t.end - t.start) / nbytes
-    del merged, pm, opt
+    del merged, pm
     return {"params": sum(p.numel() for p in model.parameters()), "model_bytes": nbytes,
             "target_fraction": target_bytes / nbytes, "capaboost_fx": ours, "peft": theirs}
 

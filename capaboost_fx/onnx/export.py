@@ -39,6 +39,7 @@ from capaboost_fx.onnx.optimize import (
     check_options,
     fuse_for_ort,
     quantize_int8,
+    quiet_loggers,
 )
 from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import as_args, axis_names, choose_dynamic_shapes, eval_mode
@@ -93,20 +94,13 @@ def _quiet() -> Iterator[None]:
     Errors still propagate as exceptions; only warnings and log records below ERROR are hidden.
     """
     names = ["torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "torch.fx"]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         # A torch.export graph has no real train/eval switch; the exporter warns for it anyway.
         warnings.filterwarnings("ignore", message=".*training mode.*", category=UserWarning)
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
+        with quiet_loggers(*names):
             yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
 
 
 def _make_tempdir(final: Path) -> Path:

@@ -72,7 +72,7 @@ def fuse_for_ort(model: Any) -> tuple[Any, dict[str, int]]:
             f"onnxscript's ort_fusions are not available ({e}); pip install 'onnxscript>=0.5' "
             "or export with optimize='none'"
         ) from e
-    with _quiet_loggers("onnxscript", "onnx_ir"):
+    with quiet_loggers("onnxscript", "onnx_ir"):
         fused, counts = optimize_for_ort(model)
     return fused, {k: int(v) for k, v in counts.items() if v}
 
@@ -83,7 +83,7 @@ class _DropPreprocessHint(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str) -> Iterator[None]:
+def quiet_loggers(*names: str) -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
