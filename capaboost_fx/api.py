@@ -32,6 +32,7 @@ from .passes.capture import (
     replace_tensor,
     shared_shell,
     specialized_dims,
+    split_static_kwargs,
     to_meta,
 )
 from .passes.match import Candidate, check, find_candidates, select
@@ -80,7 +81,7 @@ def capture(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic_shape
     """One export of the meta twin; dims 0 and 1 of tensor inputs dynamic unless given."""
     user_shapes = dynamic_shapes is not None
     if not user_shapes:
-        dynamic_shapes = default_dynamic_shapes(twin, args, kwargs)
+        dynamic_shapes = default_dynamic_shapes(twin, args, split_static_kwargs(kwargs)[1])
     captured = export_graph(twin, mode, args, kwargs, dynamic_shapes, tag)
     fixed = specialized_dims(captured)
     if fixed and not user_shapes and warn:
@@ -267,7 +268,8 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
     captured = capture(tm._twin, mode, args, kwargs, None, tag=f"v{key}_", warn=False)
     if variant is None:
         variant = Variant(key, captured.in_spec, captured.out_spec,
-                          example=(to_meta(tuple(args)), to_meta(dict(kwargs))))
+                          example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
+                          bound=captured.bound)
     _add_graph(tm, variant, captured)
     if tm.capture_info.get("transform_seconds") is None:  # still inside transform
         tm.capture_info["export_seconds"] = round(
@@ -352,7 +354,7 @@ def transform(
     shell.train(model.training)
     tm = CapaBoostModel(shell, {}, spec, info, twin)
     variant = Variant(0, captured.in_spec, captured.out_spec,
-                      example=(to_meta(tuple(args)), to_meta(dict(kwargs))))
+                      example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound)
     _add_graph(tm, variant, captured)
     tm._add_variant(variant)
     if "eval" in modes:

@@ -66,12 +66,15 @@ class Variant:
     fns: dict[str, Callable[..., Any]] = field(default_factory=dict)
     code: dict[str, str] = field(default_factory=dict)
     example: tuple = ((), {})  # meta copies of the inputs it was captured with
+    bound: dict[str, Any] = field(default_factory=dict)  # tensor-free kwargs baked in
 
     def compile(self) -> None:
         for mode, g in self.graphs.items():
             self.fns[mode], self.code[mode] = _compile(g)
 
     def run(self, mode: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.bound:
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.bound}
         flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
         # Graphs are captured for contiguous inputs (views are made contiguous at capture).
         flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in flat]
@@ -86,11 +89,24 @@ class Variant:
                   for i in range(arg_spec.num_children)]
         params += [P(k, P.KEYWORD_ONLY if arg_spec.num_children else P.POSITIONAL_OR_KEYWORD)
                    for k in kw_spec.context]
+        params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in self.bound.items()]
         return inspect.Signature(params)
 
+    def same_names(self, args: tuple, kwargs: dict) -> bool:
+        """The cheap part of `matches` (positional count, keyword names): what torch.compile
+        dispatches on; its own guards check the rest."""
+        arg_spec, kw_spec = self.in_spec.children()
+        return (len(args) == arg_spec.num_children and
+                set(kwargs) == set(kw_spec.context) | set(self.bound))
+
     def matches(self, args: tuple, kwargs: dict) -> bool:
-        """Same argument structure as captured: positions, keyword names, nesting, and
-        non-tensor leaves in the same places (sizes may differ)."""
+        """Same argument structure as captured: positions, keyword names, nesting, and the
+        same values of tensor-free keyword arguments (a flag such as
+        ``output_hidden_states=True`` changes the graph, so it is another variant)."""
+        for k, v in self.bound.items():
+            if k not in kwargs or type(kwargs[k]) is not type(v) or kwargs[k] != v:
+                return False
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.bound}
         arg_spec, kw_spec = self.in_spec.children()
         names = kw_spec.context
         if set(kwargs) != set(names):
@@ -147,6 +163,11 @@ class GraphProgram(_Unpicklable, nn.Module):
     def mode(self) -> str:
         return "train" if self.training else "eval"
 
+    def expose_signature_for(self, args: tuple, kwargs: dict) -> None:
+        """Make ``forward``'s visible signature the one of this call (what tools that bind
+        arguments by signature, such as torch.export and the ONNX exporter, then see)."""
+        self._expose_signature(self.variant_for(tuple(args), dict(kwargs)))
+
     def recompile(self) -> None:
         """Regenerate the code of every graph after a graph was changed in place."""
         for v in self._variants:
@@ -169,8 +190,9 @@ class GraphProgram(_Unpicklable, nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = self.mode()
-        if torch.compiler.is_compiling():  # no capture inside a compiled region
-            variant = next((v for v in self._variants if mode in v.fns), self._variants[0])
+        if torch.compiler.is_dynamo_compiling():  # no capture inside a compiled region
+            variant = next((v for v in self._variants if mode in v.fns
+                            and v.same_names(args, kwargs)), self._variants[0])
         else:
             variant = self.variant_for(args, kwargs, mode)
         return variant.run(mode, self, args, kwargs)
@@ -275,7 +297,7 @@ class CapaBoostModel(GraphProgram):
         object.__setattr__(self, "_twin", twin)  # meta copy of your model: captures run on it
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.__dict__.get("_weights_ready") and not torch.compiler.is_compiling():
+        if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
             meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
             if meta:
                 raise InputError(

@@ -258,3 +258,16 @@ def test_modules_refuse_pickling_in_words(tmp_path) -> None:
     with pytest.raises(cbx.CapaBoostError, match="save_adapter"):
         torch.save(tm, tmp_path / "tm.pt")
     copy.deepcopy(tm)  # deepcopy still works
+
+
+def test_a_different_flag_value_is_another_capture_not_a_shape_error() -> None:
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 8))
+    tm = cbx.transform(model, SPEC, example_kwargs={"input_ids": ids,
+                                                    "output_hidden_states": False})
+    tm.eval()
+    with torch.no_grad():
+        out = tm(input_ids=ids, output_hidden_states=True)
+        ref = model.eval()(input_ids=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    torch.testing.assert_close(out.logits, ref.logits)  # B = 0: equal to the base

@@ -340,6 +340,8 @@ def export_onnx(
                 raise InputError(
                     f"{type(module).__name__} does not run on the example inputs: {e}"
                 ) from e
+            if hasattr(module, "expose_signature_for"):  # capaboost_fx modules: this call's
+                module.expose_signature_for(args, kwargs)  # argument structure
         names = list(output_names) if output_names is not None else default_output_names(reference)
         if dynamic_shapes is None:
             dynamic_shapes, shape_note = choose_dynamic_shapes(module, args, kwargs)

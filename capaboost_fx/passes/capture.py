@@ -55,6 +55,7 @@ class Captured:
     mutated_buffers: list[str] = field(default_factory=list)
     checkpointed: list[str] = field(default_factory=list)  # modules run under checkpoint
     seconds: float = 0.0
+    bound: dict[str, Any] = field(default_factory=dict)  # tensor-free kwargs baked in
 
 
 # --------------------------------------------------------------------------- state copies
@@ -181,7 +182,9 @@ def default_dynamic_shapes(
         if kind is inspect.Parameter.VAR_POSITIONAL:
             out[name] = tuple(pytree.tree_map(spec_of, v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: pytree.tree_map(spec_of, v) for k, v in value.items()}
+            specs = {k: pytree.tree_map(spec_of, v) for k, v in value.items()}
+            # None children would be read as tree nodes: a dict of only static leaves is None.
+            out[name] = specs if any(v is not None for v in specs.values()) else None
         else:
             out[name] = pytree.tree_map(spec_of, value)
     return out
@@ -275,6 +278,30 @@ def _hf_checkpointing_off(model: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------- export
 
 
+def split_static_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(keyword arguments holding no tensor: flags such as ``output_hidden_states=True`` or
+    ``use_cache=False``, which the graph bakes in; the rest, the graph's inputs)."""
+    static = {k: v for k, v in kwargs.items()
+              if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
+    return static, {k: v for k, v in kwargs.items() if k not in static}
+
+
+@contextlib.contextmanager
+def _bind(model: nn.Module, static: dict[str, Any]) -> Iterator[None]:
+    """Export ``model`` with `static` keyword arguments fixed (they are part of which graph
+    runs, not inputs of it)."""
+    if not static:
+        yield
+        return
+    import functools
+
+    model.forward = functools.partial(type(model).forward, model, **static)
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 def _explain_failure(model: nn.Module, mode: str, err: Exception) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     lines = text.splitlines()
@@ -316,9 +343,10 @@ def export_graph(
     devices = {t.device for _, t, _ in _tensors(twin)} or {torch.device("cpu")}
     device = next(iter(devices))
     hf = hf_checkpointed(twin) if mode_name == "train" else []
+    bound, kwargs = split_static_kwargs(kwargs)
     t0 = time.perf_counter()
     try:
-        with recorder.active(), _hf_checkpointing_off(twin):
+        with recorder.active(), _hf_checkpointing_off(twin), _bind(twin, bound):
             ep = torch.export.export(twin, tuple(_to_fake(args, mode, device)),
                                      dict(_to_fake(dict(kwargs), mode, device)),
                                      dynamic_shapes=dynamic_shapes, strict=False)
@@ -359,7 +387,7 @@ def export_graph(
     ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
     mutated = _written_state(graph)
     return Captured(mode_name, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
-                    list(dict.fromkeys(hf + recorder.found)), seconds)
+                    list(dict.fromkeys(hf + recorder.found)), seconds, bound)
 
 
 def _written_state(graph: fx.Graph) -> list[str]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
-from .capture import BASE, CONSTANTS
+from .capture import BASE, CONSTANTS, to_meta
 from .match import find_candidates
 from .rewrite import adapter_key, rewrite, unrewrite
 
@@ -138,7 +138,8 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
     unrewrite(captured.graph, keep=fm._dense_targets)
     for k, v in captured.constants.items():
         fm.capaboost_constants.register_buffer(k, v, persistent=False)
-    return Variant(key, captured.in_spec, captured.out_spec, graphs={"eval": captured.graph})
+    return Variant(key, captured.in_spec, captured.out_spec, graphs={"eval": captured.graph},
+                   example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound)
 
 
 def fold(train_model: CapaBoostModel, example_inputs: Any = (),
@@ -169,7 +170,8 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
     for v in tm._variants:
         memo = {id(v.in_spec): v.in_spec, id(v.out_spec): v.out_spec}
         variants.append(Variant(v.key, v.in_spec, v.out_spec,
-                                graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)}))
+                                graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)},
+                                example=v.example, bound=v.bound))
     constants = _constants_of([v.graphs["eval"] for v in variants], tm)
     fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
     object.__setattr__(fm, "_twin", tm._twin)

@@ -1,0 +1,109 @@
+"""Families users try beyond the core list: transform, a training step, eval, fold parity, and
+calls whose argument structure differs from the example (no labels, positional)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import capaboost_fx as cbx
+
+transformers = pytest.importorskip("transformers")
+
+
+def _distilbert():
+    cfg = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4,
+                                        hidden_dim=64, num_labels=2)
+    return transformers.DistilBertForSequenceClassification(cfg), ["*.q_lin", "*.v_lin"], "cls"
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    return transformers.Qwen2ForCausalLM(cfg), ["*.q_proj", "*.v_proj"], "lm"
+
+
+def _mistral():
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2)
+    return transformers.MistralForCausalLM(cfg), ["*.q_proj", "*.v_proj"], "lm"
+
+
+def _bart():
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                  encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  max_position_embeddings=64)
+    return transformers.BartForConditionalGeneration(cfg), ["*.q_proj", "*.v_proj"], "seq2seq"
+
+
+FAMILIES = {"distilbert": _distilbert, "qwen2": _qwen2, "mistral": _mistral, "bart": _bart}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_folds_and_takes_other_call_structures(family: str) -> None:
+    torch.manual_seed(0)
+    model, targets, kind = FAMILIES[family]()
+    ids = torch.randint(3, 64, (2, 10))
+    labels = torch.randint(0, 2, (2,)) if kind == "cls" else torch.randint(3, 64, (2, 10))
+    tm = cbx.transform(model, cbx.Spec(targets=targets, rank=2),
+                       example_kwargs={"input_ids": ids, "labels": labels})
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+    tm.train()
+    tm(input_ids=ids, labels=labels).loss.backward()
+    assert all(a.A.grad is not None for a in cbx.adapters(tm).values())
+    tm.eval()
+    other = torch.randint(3, 64, (3, 7))
+    with torch.no_grad():
+        extra = {"decoder_input_ids": other} if kind == "seq2seq" else {}
+        ours = tm(input_ids=other, **extra).logits  # a structure not seen at transform
+        base = model.eval()(input_ids=other, **extra).logits
+        assert (ours - base).abs().max() > 1e-4  # the adapters act
+        deploy = cbx.fold(tm)
+        torch.testing.assert_close(deploy(input_ids=other, **extra).logits, ours,
+                                   rtol=1e-4, atol=1e-5)
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        h = nn.functional.adaptive_avg_pool2d(h, 4).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+class MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("build,x,targets", [
+    (CNN, torch.randn(4, 3, 8, 8), ["fc1", "fc2"]),
+    (MHA, torch.randn(3, 5, 16), ["attn.in_proj_weight", "attn.out_proj"]),
+])
+def test_plain_modules(build, x, targets) -> None:
+    torch.manual_seed(0)
+    model = build().train()
+    tm = cbx.transform(model, cbx.Spec(targets=targets, rank=2), example_inputs=(x,))
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+    tm(x).sum().backward()
+    tm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cbx.fold(tm)(x), tm(x), rtol=1e-5, atol=1e-6)
