@@ -152,9 +152,7 @@ class GraphProgram(_Unpicklable, nn.Module):
         def forward(self: GraphProgram, *args: Any, **kwargs: Any) -> Any:
             return type(self).forward(self, *args, **kwargs)
 
-        twin = self.__dict__.get("_twin")
-        names = list(inspect.signature(twin.forward).parameters) if twin is not None else []
-        sig = variant.signature(names)  # a bound method drops the first parameter: self
+        sig = variant.signature(self._param_names())  # a bound method drops the first parameter: self
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
             parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
@@ -167,6 +165,30 @@ class GraphProgram(_Unpicklable, nn.Module):
         """Make ``forward``'s visible signature the one of this call (what tools that bind
         arguments by signature, such as torch.export and the ONNX exporter, then see)."""
         self._expose_signature(self.variant_for(tuple(args), dict(kwargs)))
+
+    def dynamic_shapes_for(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """``dynamic_shapes`` for exporting this call (``torch.export``, ONNX), read from the
+        captured graph: the dims that are symbolic there are dynamic, no guessing."""
+        from torch.export import Dim
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+        variant = self.variant_for(tuple(args), dict(kwargs), "eval")
+        graph = variant.graphs.get("eval") or next(iter(variant.graphs.values()))
+        dims = []
+        for node in graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            dims.append({d: Dim.AUTO for d, n in enumerate(val.shape)
+                         if not is_concrete_int(n)} or None
+                        if isinstance(val, torch.Tensor) else None)
+        arg_dims, kw_dims = pytree.tree_unflatten(dims, variant.in_spec)
+        names = list(variant.signature(self._param_names()).parameters)
+        out = dict(zip(names, arg_dims, strict=False))
+        out.update(kw_dims)
+        return out
+
+    def _param_names(self) -> list[str]:
+        twin = self.__dict__.get("_twin")
+        return list(inspect.signature(twin.forward).parameters) if twin is not None else []
 
     def recompile(self) -> None:
         """Regenerate the code of every graph after a graph was changed in place."""

@@ -157,6 +157,8 @@ def choose_dynamic_shapes(
     # but the ONNX exporter drops those guards: its file would claim dynamic dims and then fail
     # (measured: BERT stand-in, onnxruntime error at batch 3). Probe the module first and only
     # mark dims it accepts.
+    if hasattr(module, "dynamic_shapes_for"):  # a capaboost_fx module knows its dims
+        return module.dynamic_shapes_for(args, kwargs), "from the captured graph"
     with eval_mode(module), torch.no_grad():
         if _runs_resized(module, args, kwargs, batch_only=False):
             return auto_dynamic_shapes(module, args, kwargs), "auto"
