@@ -22,7 +22,6 @@ from .errors import (
     TargetNotFoundError,
     close_names,
 )
-from .masks import make_masks
 from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
@@ -434,14 +433,10 @@ def inspect(
                "sites": sum(len(v) for v in c.sites.values()) // max(len(c.sites), 1)}
         if name in selection.targets:
             t = probe.for_target(name)
-            shape_a, shape_b = (t.rank, c.in_features), (c.out_features, t.rank)
-            live = sum(int(make_masks(t.mask, s, t.num_masks, t.density, t.seed, name,
-                                      f).any(0).sum())
-                       for s, f in ((shape_a, "A"), (shape_b, "B")))
+            adapter = _make_adapter(name, c, probe, torch.device("cpu"))  # what transform builds
             row.update(rank=t.rank, num_masks=t.num_masks, density=t.density, mask=t.mask,
-                       alpha=t.alpha, dropout=t.dropout,
-                       trainable_params=t.rank * (c.in_features + c.out_features),
-                       live_params=live)
+                       alpha=t.alpha, dropout=t.dropout, scaling=adapter.scaling,
+                       trainable_params=adapter.num_trainable(), live_params=adapter.num_live())
             report.targets.append(row)
         else:
             why = selection.skipped.get(name)
