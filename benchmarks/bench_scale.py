@@ -150,6 +150,27 @@ def activation_rows(args: argparse.Namespace) -> dict:
             "capaboost_fx_bytes": ours, "peft_bytes": theirs, "ratio": ours / theirs}
 
 
+def fsdp_rows(layers: int = 12) -> dict:
+    """Per-rank peak parameter memory during forward, 2 gloo processes, root-only vs
+    per-block ``fully_shard`` (examples/ddp_train.py, checkpointing on)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    here = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = {}
+    for engine in ("fsdp2", "fsdp2-blocks"):
+        folder = tempfile.mkdtemp()
+        subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(here),
+                        "--engine", engine, "--layers", str(layers), "--checkpoint",
+                        "--steps", "2", "--out", folder], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out[engine] = json.loads(Path(folder, "summary.json").read_text())
+    return {"layers": layers, "root_only": out["fsdp2"]["peak_forward_param_fraction"],
+            "per_block": out["fsdp2-blocks"]["peak_forward_param_fraction"]}
+
+
 def llama7b_row() -> dict:
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -179,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.vocab, args.hidden, args.ffn, args.layers = 32000, 1024, 2816, 16
         args.ck_layers, args.batch, args.seq = 8, 4, 768
-    result = {"memory": memory_rows(args), "activations": activation_rows(args)}
+    result = {"memory": memory_rows(args), "activations": activation_rows(args),
+              "fsdp": fsdp_rows()}
     if args.llama7b:
         result["llama7b_meta"] = llama7b_row()
     m, a = result["memory"], result["activations"]
@@ -198,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"| transform / its torch.export time | {ours['transform_seconds']:.2f} s / "
                  f"{ours['export_seconds']:.2f} s = "
                  f"{ours['transform_seconds'] / ours['export_seconds']:.2f} | |")
+    f = result["fsdp"]
+    lines.append(f"| per-rank peak parameter memory in forward, 2 ranks, per-block FSDP2 "
+                 f"({f['layers']}-layer BERT) | {f['per_block']:.3f} (root-only "
+                 f"{f['root_only']:.3f}) | |")
     if "llama7b_meta" in result:
         r = result["llama7b_meta"]
         lines.append(f"| LLaMA-7B on meta: transform / export | {r['transform_seconds']} s / "

@@ -171,6 +171,15 @@ def optimize_transformer(
         stacklevel=2,
     )
     try:
+        import sys
+
+        import onnxruntime.transformers as ort_transformers
+
+        # Its modules import each other as top-level modules from a path entry its __init__
+        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
+        folder = os.path.dirname(ort_transformers.__file__)
+        if folder not in sys.path:
+            sys.path.append(folder)
         from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ExportError(f"onnxruntime.transformers is not available: {e}") from e
