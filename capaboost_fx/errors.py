@@ -67,6 +67,10 @@ class ExportError(CapaBoostError, RuntimeError):
     """ONNX export failed, or its output is not what was asked for."""
 
 
+class MissingDependencyError(CapaBoostError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra."""
+
+
 class OnnxFileNotFoundError(CapaBoostError, FileNotFoundError):
     """An ONNX file to read (compare, serve, optimise) does not exist."""
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import TargetError
+from .errors import MissingDependencyError, TargetError
 from .io import atomic_write
 from .model import require_training
 from .passes.capture import BASE
@@ -76,28 +76,25 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": tm.spec.dropout,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "fan_in_fan_out": layouts == {"in_out"},
-        "bias": "none",
-        "modules_to_save": modules_to_save or None,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
+    try:
+        from peft import LoraConfig
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"to_peft_lora writes PEFT's own adapter_config.json and needs peft ({e}): "
+            "pip install 'capaboost-fx[peft]'"
+        ) from e
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=tm.spec.dropout, target_modules=sorted(ranks),
+        rank_pattern={n: v for n, v in ranks.items() if v != r},
+        alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
+        fan_in_fan_out=layouts == {"in_out"}, bias="none",
+        modules_to_save=modules_to_save or None, inference_mode=True,
+    ).to_dict()  # PEFT's schema, as its save_pretrained writes it
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(
         tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / "adapter_config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
     return out

@@ -71,6 +71,7 @@ def test_lifecycle(case: Case) -> None:
     torch.manual_seed(0)
     model = case.build().double().eval()
     before = _snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     example = to_dtype(case.inputs(*case.example), torch.float64)
     other = to_dtype(case.inputs(*case.other), torch.float64)
 
@@ -154,7 +155,7 @@ def test_lifecycle(case: Case) -> None:
     after = _snapshot(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not p.requires_grad or True for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("bert", "llama", "mlp")],

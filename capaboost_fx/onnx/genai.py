@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from capaboost_fx.errors import ExportError, InputError, VerificationError
+from capaboost_fx.errors import ExportError, InputError, MissingDependencyError, VerificationError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
@@ -185,7 +185,7 @@ def export_genai(
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError as e:
-        raise ExportError(
+        raise MissingDependencyError(
             f"onnxruntime-genai is not installed ({e}): pip install 'capaboost-fx[genai]'"
         ) from e
     out = Path(os.fspath(out_dir)).absolute()

@@ -25,7 +25,12 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from capaboost_fx.errors import ExportError, InputError, OnnxFileNotFoundError
+from capaboost_fx.errors import (
+    ExportError,
+    InputError,
+    MissingDependencyError,
+    OnnxFileNotFoundError,
+)
 from capaboost_fx.onnx.stats import load_proto, onnx_stats
 
 # Weights above this go to an external data file next to the model. Protobuf cannot serialise a
@@ -68,7 +73,7 @@ def fuse_for_ort(model: Any) -> tuple[Any, dict[str, int]]:
     try:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ExportError(
+        raise MissingDependencyError(
             f"onnxscript's ort_fusions are not available ({e}); pip install 'onnxscript>=0.5' "
             "or export with optimize='none'"
         ) from e
@@ -112,7 +117,7 @@ def quantize_int8(
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ExportError(f"onnxruntime.quantization is not available: {e}") from e
+        raise MissingDependencyError(f"onnxruntime.quantization is not available: {e}") from e
     root = logging.getLogger()
     hint = _DropPreprocessHint()
     root.addFilter(hint)  # quantize_dynamic logs this on the root logger for every model
@@ -182,7 +187,7 @@ def optimize_transformer(
             sys.path.append(folder)
         from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ExportError(f"onnxruntime.transformers is not available: {e}") from e
+        raise MissingDependencyError(f"onnxruntime.transformers is not available: {e}") from e
     if model_type not in MODEL_TYPES:
         raise InputError(f"model_type={model_type!r}; onnxruntime knows {sorted(MODEL_TYPES)}")
     path = os.fspath(path)

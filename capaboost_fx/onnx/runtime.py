@@ -47,7 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from capaboost_fx.errors import ExportError, InputError, OnnxFileNotFoundError
+from capaboost_fx.errors import (
+    ExportError,
+    InputError,
+    MissingDependencyError,
+    OnnxFileNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +99,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ExportError(
+        raise MissingDependencyError(
             "onnxruntime is not installed: pip install capaboost-fx[onnx] "
             "(or capaboost-fx[gpu] for onnxruntime-gpu; never both)"
         ) from e
