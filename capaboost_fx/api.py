@@ -25,13 +25,10 @@ from .errors import (
 from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
-    default_dynamic_shapes,
-    export_graph,
+    capture_graph,
     meta_twin,
     replace_tensor,
     shared_shell,
-    specialized_dims,
-    split_static_kwargs,
     to_meta,
 )
 from .passes.match import Candidate, check, find_candidates, select
@@ -73,24 +70,6 @@ def _check_model(model: Any) -> None:
         )
     if not isinstance(model, nn.Module):
         raise SpecTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-
-
-def capture(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic_shapes: Any,
-            tag: str = "", warn: bool = True) -> Captured:
-    """One export of the meta twin; dims 0 and 1 of tensor inputs dynamic unless given."""
-    user_shapes = dynamic_shapes is not None
-    if not user_shapes:
-        dynamic_shapes = default_dynamic_shapes(twin, args, split_static_kwargs(kwargs)[1])
-    captured = export_graph(twin, mode, args, kwargs, dynamic_shapes, tag)
-    fixed = specialized_dims(captured)
-    if fixed and not user_shapes and warn:
-        warnings.warn(
-            f"the capture fixed {fixed} to the example's size, so other sizes will be refused. "
-            "Use example inputs with batch >= 2 and sequence >= 2 (and batch != sequence), or "
-            "pass dynamic_shapes=...",
-            stacklevel=4,
-        )
-    return captured
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -264,7 +243,7 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
     """Capture what a call needs and is missing (a new argument structure, or the other mode)."""
     key = len(tm._variants) if variant is None else variant.key
     t0 = time.perf_counter()
-    captured = capture(tm._twin, mode, args, kwargs, None, tag=f"v{key}_", warn=False)
+    captured = capture_graph(tm._twin, mode, args, kwargs, None, tag=f"v{key}_", warn=False)
     if variant is None:
         variant = Variant(key, captured.in_spec, captured.out_spec,
                           example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
@@ -324,7 +303,7 @@ def transform(
     args, kwargs = _inputs(example_inputs, example_kwargs)
     t0 = time.perf_counter()
     twin = meta_twin(model)
-    captured = capture(twin, "train", args, kwargs, dynamic_shapes, tag="v0_")
+    captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes, tag="v0_")
     candidates = find_candidates({"train": captured.graph}, twin)
     selection = select(candidates, spec)
     check(selection, candidates, spec)
@@ -422,7 +401,7 @@ def inspect(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         twin = meta_twin(model)
-        captured = capture(twin, "train", args, kwargs, dynamic_shapes)
+        captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes)
     candidates = find_candidates({"train": captured.graph}, twin)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
     selection = select(candidates, probe)

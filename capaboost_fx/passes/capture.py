@@ -23,6 +23,7 @@ import copy
 import inspect
 import re
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -443,6 +444,25 @@ def _fetch(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def capture_graph(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic_shapes: Any,
+            tag: str = "", warn: bool = True) -> Captured:
+    """One export of the twin (`export_graph`), with the default dynamic dims; dims 0 and 1 of tensor inputs dynamic unless given."""
+    user_shapes = dynamic_shapes is not None
+    if not user_shapes:
+        dynamic_shapes = default_dynamic_shapes(twin, args, split_static_kwargs(kwargs)[1])
+    captured = export_graph(twin, mode, args, kwargs, dynamic_shapes, tag)
+    fixed = specialized_dims(captured)
+    if fixed and not user_shapes and warn:
+        warnings.warn(
+            f"the capture fixed {fixed} to the example's size, so other sizes will be refused. "
+            "Use example inputs with batch >= 2 and sequence >= 2 (and batch != sequence), or "
+            "pass dynamic_shapes=...",
+            stacklevel=4,
+        )
+    return captured
+
 
 
 class InputGuard:

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
-from .capture import BASE, CONSTANTS, to_meta
+from .capture import BASE, CONSTANTS, capture_graph, to_meta
 from .match import find_candidates
 from .rewrite import adapter_key, rewrite, unrewrite
 
@@ -128,10 +128,8 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
                   variant: Variant | None) -> Variant:
     """A new argument structure for the deploy module: capture its eval graph on the meta
     twin; nonlinear adapters stay as dense ones, linear ones are already in the weights."""
-    from ..api import capture  # the pipeline entry; imported late to keep layers one-way
-
     key = len(fm._variants)
-    captured = capture(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
+    captured = capture_graph(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
     candidates = find_candidates({"eval": captured.graph}, fm._twin)
     targets = {n: candidates[n] for n in fm._targets if n in candidates}
     rewrite(captured.graph, targets, "eval")
