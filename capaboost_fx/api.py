@@ -25,6 +25,7 @@ from .errors import (
 from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
+    as_args,
     capture_graph,
     meta_twin,
     replace_tensor,
@@ -38,15 +39,7 @@ from .spec import Spec, pattern_matches
 
 
 def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of positional arguments, got "
-            f"{type(example_inputs).__name__}; e.g. example_inputs=(input_ids,)."
-        )
+    example_inputs = as_args(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
         raise InputError(
             f"example_kwargs must be a dict of keyword arguments, got "

@@ -29,6 +29,9 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
+
+# Private torch API (pinned: torch>=2.13,<2.14): compiles generated graph code bound to our
+# module, as fx.GraphModule does for itself.
 from torch.fx.graph_module import _forward_from_src
 from torch.utils import _pytree as pytree
 

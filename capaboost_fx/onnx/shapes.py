@@ -20,23 +20,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from capaboost_fx.errors import InputError
+from capaboost_fx.passes.capture import as_args  # noqa: F401  (one input normalisation)
 
 BATCH = "batch"
 SEQUENCE = "sequence"
 
 __all__ = ["BATCH", "SEQUENCE", "auto_dynamic_shapes", "axis_names"]
-
-
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise InputError(
-            f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}"
-        )
-    return example_inputs
 
 
 def flat_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

@@ -31,6 +31,9 @@ from typing import Any
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
+
+# Private torch API (pinned: torch>=2.13,<2.14): fake tensors are what torch.export traces
+# with; the twin is built from them directly so capture allocates no weight memory.
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
@@ -152,6 +155,20 @@ def _to_fake(tree: Any, mode: FakeTensorMode, device: torch.device) -> Any:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """Positional example inputs as a tuple (a lone tensor or a list is accepted)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(
+            f"example_inputs must be a tuple of positional arguments, got "
+            f"{type(example_inputs).__name__}; e.g. example_inputs=(input_ids,)."
+        )
+    return example_inputs
 
 
 def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> inspect.BoundArguments:
