@@ -54,8 +54,16 @@ class CapaBoostAdapter(nn.Module):
         activation: str = "identity",
         init: str = "standard",
         scaling_rule: str = "paper",
+        placement: str = "parallel",
+        bias_fqn: str | None = None,
     ) -> None:
         super().__init__()
+        if placement not in ("parallel", "sequential"):
+            raise SpecError(f"placement must be 'parallel' or 'sequential', got {placement!r}")
+        # "sequential" (Spec.method='sadapter'): the adapter reads the op's output y (so
+        # in_features == out_features == the op's out) and has the official code's biases.
+        self.placement = placement
+        self.bias_fqn = bias_fqn  # the op's bias parameter (a sequential fold updates it)
         self.activation = activation
         self.act = ACTIVATIONS[activation]()
         self.in_features, self.out_features = in_features, out_features
@@ -86,6 +94,15 @@ class CapaBoostAdapter(nn.Module):
             raise SpecError(f"unknown init {init!r}; allowed: 'standard', 'official'")
         with torch.no_grad():
             self.A.copy_(a0)
+        if placement == "sequential":
+            # Biases are never masked; every copy adds its own b_u (effective d·b_u).
+            self.bias_down = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
+            self.bias_up = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+            if init == "official":  # official adapters: N(0, 0.02) weights, up not zeroed
+                g = torch.Generator().manual_seed(stable_seed(seed, name, "init-official"))
+                with torch.no_grad():
+                    self.A.copy_(torch.randn(rank, in_features, generator=g) * 0.02)
+                    self.B.copy_(torch.randn(out_features, rank, generator=g) * 0.02)
         self.register_buffer(
             "mask_A", make_masks(mask, (rank, in_features), num_masks, density, seed, name, "A")
             .to(device)
@@ -103,39 +120,54 @@ class CapaBoostAdapter(nn.Module):
         b_cat = (self.B * self.mask_B).permute(1, 0, 2).reshape(self.out_features, d * r)
         return a_cat, b_cat
 
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(down bias repeated for the d copies: d·r, up bias counted d times: out), or Nones."""
+        if self.placement != "sequential":
+            return None, None
+        return self.bias_down.repeat(self.num_masks), self.bias_up * self.num_masks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_cat, b_cat = self.factors()
+        b_down, b_up = self.biases()
         h = self.dropout(x).to(a_cat.dtype)
-        return (F.linear(self.act(F.linear(h, a_cat)), b_cat) * self.scaling).to(x.dtype)
+        out = F.linear(self.act(F.linear(h, a_cat, b_down)), b_cat, b_up)
+        return (out * self.scaling).to(x.dtype)
 
     @property
     def linear(self) -> bool:
-        """True when the update is linear in x, so it folds into W0."""
-        return self.activation == "identity"
+        """True when the update is a weight delta ΔW (parallel, identity activation)."""
+        return self.activation == "identity" and self.placement == "parallel"
+
+    @property
+    def sequential(self) -> bool:
+        return self.placement == "sequential"
 
     @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW = s · B_cat A_cat (out × in) computed in `dtype` (linear adapters only)."""
-        if not self.linear:
+        """ΔW = s · B_cat A_cat (out × in) computed in `dtype` (identity activation only; for
+        a sequential adapter this is M in y + M y + c)."""
+        if self.activation != "identity":
             raise FoldError(f"adapter {self.name!r} has a {self.activation} activation: its "
                              "update is not a weight delta")
         a_cat, b_cat = self.factors()
         return (b_cat.to(dtype) @ a_cat.to(dtype)) * self.scaling
 
     def num_trainable(self) -> int:
-        """Entries of A and B (what the optimizer holds)."""
-        return self.A.numel() + self.B.numel()
+        """Entries of A and B (and a sequential adapter's biases): what the optimizer holds."""
+        return sum(p.numel() for p in self.parameters())
 
     def num_live(self) -> int:
-        """Entries of A and B kept by at least one mask (the rest never get gradient)."""
-        return int(self.mask_A.any(0).sum()) + int(self.mask_B.any(0).sum())
+        """Entries kept by at least one mask (the rest never get gradient); biases are live."""
+        biases = sum(p.numel() for n, p in self.named_parameters() if n.startswith("bias"))
+        return int(self.mask_A.any(0).sum()) + int(self.mask_B.any(0).sum()) + biases
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
             f"d={self.num_masks}, density={self.density}, scaling={self.scaling:g}"
             + (f", init={self.init}" if self.init != "standard" else "")
-            + (f", activation={self.activation}" if not self.linear else "")
+            + (f", activation={self.activation}" if self.activation != "identity" else "")
+            + (", sequential" if self.sequential else "")
         )
 
 
@@ -150,7 +182,13 @@ class DenseAdapter(nn.Module):
         self.up = nn.Parameter(b_cat.detach().clone(), requires_grad=False)
         self.act = ACTIVATIONS[adapter.activation]()
         self.scaling = adapter.scaling
+        b_down, b_up = adapter.biases()
+        self.down_bias = None if b_down is None else nn.Parameter(
+            b_down.detach().clone(), requires_grad=False)
+        self.up_bias = None if b_up is None else nn.Parameter(
+            b_up.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(self.down.dtype)
-        return (F.linear(self.act(F.linear(h, self.down)), self.up) * self.scaling).to(x.dtype)
+        out = F.linear(self.act(F.linear(h, self.down, self.down_bias)), self.up, self.up_bias)
+        return (out * self.scaling).to(x.dtype)

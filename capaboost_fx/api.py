@@ -143,11 +143,13 @@ def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> 
     spec = spec.for_target(name)
     w = c.param
     dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    sequential = spec.method == "sadapter"
     adapter = CapaBoostAdapter(
-        c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
+        c.out_features if sequential else c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
         dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, weight_fqn=c.fqn,
         layout=c.layout, dtype=dtype, device=None if device.type == "meta" else device,
         activation=spec.activation, init=spec.init, scaling_rule=spec.scaling,
+        placement="sequential" if sequential else "parallel", bias_fqn=c.bias_fqn,
     )
     return adapter
 
@@ -207,7 +209,8 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
                 "this call; the model computes it differently here, so its adapter cannot apply."
             )
         targets[name] = cand
-    changed = rewrite(graph, targets, mode)
+    sequential = frozenset(n for n, a in adapters.items() if a.sequential)
+    changed = rewrite(graph, targets, mode, sequential)
     if variant.key == 0:
         tm.capture_info.setdefault("sites", {})[mode] = len(changed)
     variant.flat[mode] = copy.deepcopy(graph, {id(variant.in_spec): variant.in_spec,

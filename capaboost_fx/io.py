@@ -172,8 +172,8 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
     targets: dict[str, Any] = {}
     for name, a in adapters(tm).items():
         w = base.get_parameter(a.weight_fqn)
-        tensors[f"adapter.{name}.A"] = a.A.detach().cpu().contiguous()
-        tensors[f"adapter.{name}.B"] = a.B.detach().cpu().contiguous()
+        for attr, _ in a.named_parameters():  # A, B (and a sequential adapter's biases)
+            tensors[f"adapter.{name}.{attr}"] = getattr(a, attr).detach().cpu().contiguous()
         tensors[f"adapter.{name}.mask_A"] = _pack(a.mask_A)
         tensors[f"adapter.{name}.mask_B"] = _pack(a.mask_B)
         targets[name] = {"weight": a.weight_fqn, "weight_shape": list(w.shape),
@@ -314,7 +314,7 @@ def load_adapter(
             keys = set(raw.keys())
             for name, a in adapters(tm).items():
                 info = saved[name]
-                for attr in ("A", "B"):
+                for attr, _ in a.named_parameters():
                     t = f.get_tensor(f"adapter.{name}.{attr}")
                     getattr(a, attr).copy_(_checked(t, getattr(a, attr).shape, path, name))
                 for attr in ("mask_A", "mask_B"):

@@ -42,7 +42,8 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
     layouts = set()
     for name, a in adapters(tm).items():
         if not a.linear:
-            raise TargetError(f"target {name!r} is a nonlinear parallel adapter; LoRA runtimes "
+            raise TargetError(f"target {name!r} is not a LoRA-form adapter (nonlinear or "
+                              "sequential); LoRA runtimes "
                               "cannot run it. Use fold() or save_adapter.")
         if not a.weight_fqn.endswith(".weight") or a.weight_fqn != f"{name}.weight":
             raise TargetError(

@@ -25,7 +25,7 @@ from torch import nn
 from .errors import SpecError, SpecTypeError
 from .masks import is_known_kind, mask_kinds, nm_density
 
-METHODS = ("lora", "padapter")
+METHODS = ("lora", "padapter", "sadapter")
 # Activation name -> module class (the one list; adapter.py builds its modules from it).
 ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU}
@@ -196,7 +196,10 @@ class Spec:
     method: str = field(
         default="lora",
         metadata={"help": "'lora': ΔW = s·B_cat A_cat beside each target op; 'padapter': a "
-                          "parallel adapter s·up(act(down x)) with CapaBoost-masked down/up."},
+                          "parallel adapter s·up(act(down x)) with CapaBoost-masked down/up; "
+                          "'sadapter': a sequential (Pfeiffer) bottleneck after the op's "
+                          "output y: y + s·Σᵢ[(B⊙Nᵢ) act((A⊙Mᵢ) y + b_d) + b_u] (rank = "
+                          "bottleneck width; biases never masked, each copy adds b_u)."},
     )
     activation: str = field(
         default="identity",
@@ -281,16 +284,17 @@ class Spec:
             )
         if self.method == "lora" and self.activation != "identity":
             raise SpecError(
-                f"Spec.activation={self.activation!r} needs method='padapter'; LoRA has none."
+                f"Spec.activation={self.activation!r} needs method='padapter' or 'sadapter'; "
+                "LoRA has none."
             )
         for name, allowed in (("init", INITS), ("scaling", SCALINGS)):
             if getattr(self, name) not in allowed:
                 raise SpecError(
                     f"Spec.{name} {getattr(self, name)!r} is unknown; allowed: {list(allowed)}."
                 )
-        if self.init == "official" and self.method != "lora":
-            raise SpecError("Spec.init='official' is the official code's LoRA init; "
-                            "method='padapter' takes init='standard'.")
+        if self.init == "official" and self.method == "padapter":
+            raise SpecError("Spec.init='official' is the official code's LoRA or sequential "
+                            "adapter init; method='padapter' takes init='standard'.")
         self._check_overrides()
 
     def _check_overrides(self) -> None:

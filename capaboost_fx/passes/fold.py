@@ -34,22 +34,61 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def delta_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     """``{target name: ΔW}`` in float32 (float64 for float64 weights), out × in layout.
-    Nonlinear parallel adapters have no ΔW and are left out."""
-    return {name: a.delta_weight(torch.promote_types(a.A.dtype, torch.float32))
-            for name, a in adapters(train_model).items() if a.linear}
+    Adapters that do not fold into the weight (nonlinear ones) are left out; a foldable
+    sequential adapter's ΔW is M·W0 with M = s·B_cat A_cat."""
+    tm = require_training(train_model, "delta_weights()")
+    out = {}
+    for name, a in adapters(tm).items():
+        if a.linear:
+            out[name] = a.delta_weight(torch.promote_types(a.A.dtype, torch.float32))
+        elif foldable(a):
+            w0 = tm.base_model.get_parameter(a.weight_fqn)
+            w = (w0.T if a.layout == "in_out" else w0).to(torch.float32)
+            out[name] = a.delta_weight(torch.float32).to(w.device) @ w
+    return out
+
+
+def foldable(a: CapaBoostAdapter) -> bool:
+    """Folds into the model's own weights: LoRA-like adapters, and sequential adapters with an
+    identity activation after an op that adds a bias (W' = (I+M)W, b' = (I+M)b + c)."""
+    return a.linear or (a.sequential and a.activation == "identity" and a.bias_fqn is not None)
+
+
+@torch.no_grad()
+def _sequential_merge(a: CapaBoostAdapter, w0: torch.Tensor, b0: torch.Tensor,
+                      ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """y' = y + M y + c with y = W x + b:  W' = W + M W,  b' = b + M b + c."""
+    m = a.delta_weight(ct).to(w0.device)
+    b_down, b_up = a.biases()
+    _, b_cat = a.factors()
+    c = (b_cat.to(ct) @ b_down.to(ct) + b_up.to(ct)) * a.scaling
+    w = w0.to(ct).T if a.layout == "in_out" else w0.to(ct)
+    w_new = w + m @ w
+    b_new = b0.to(ct) + m @ b0.to(ct) + c.to(w0.device)
+    return (w_new.T if a.layout == "in_out" else w_new), b_new
 
 
 @torch.no_grad()
 def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
-    """``{weight fqn: W0 + ΔW}`` in W0's dtype and storage layout, checked finite."""
+    """``{weight fqn: W0 + ΔW}`` (and merged biases of sequential adapters) in the original
+    dtypes and storage layout, checked finite."""
     tm = require_training(train_model, "fold")
     base = getattr(tm, BASE)
     out = {}
     for name, a in adapters(tm).items():
-        if not a.linear:
+        if not foldable(a):
             continue
         w0 = base.get_parameter(a.weight_fqn)
         ct = _compute_dtype(w0)
+        if a.sequential:
+            b0 = base.get_parameter(a.bias_fqn)
+            w_new, b_new = _sequential_merge(a, w0, b0, ct)
+            if not torch.isfinite(w_new.sum() + b_new.sum()):
+                raise FoldError(f"the merged weight of sequential adapter {name!r} is not "
+                                "finite; training diverged: lower the learning rate.")
+            out[a.weight_fqn] = w_new.to(w0.dtype)
+            out[a.bias_fqn] = b_new.to(b0.dtype)
+            continue
         delta = a.delta_weight(ct)
         if a.layout == "in_out":
             delta = delta.T
@@ -100,11 +139,12 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     merged target weights are new tensors; the rest share storage with the training module
     (and, for frozen weights, with your model)."""
     tm = require_training(train_model, "merged_state_dict()")
-    nonlinear = [n for n, a in adapters(tm).items() if not a.linear]
+    nonlinear = [n for n, a in adapters(tm).items() if not foldable(a)]
     if nonlinear:
         raise FoldError(
-            f"targets {nonlinear[:3]} use a nonlinear parallel adapter, which no weight of the "
-            "original model can hold; use fold() (it keeps a dense width-d·r adapter)."
+            f"targets {nonlinear[:3]} use an adapter that no weight of the original model can "
+            "hold (nonlinear, or sequential after an op without bias); use fold() (it keeps "
+            "one dense width-d·r adapter each)."
         )
     return _fold_shell(tm, merged_weights(tm)).state_dict()
 
@@ -132,7 +172,7 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
     captured = capture_graph(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
     candidates = find_candidates({"eval": captured.graph}, fm._twin)
     targets = {n: candidates[n] for n in fm._targets if n in candidates}
-    rewrite(captured.graph, targets, "eval")
+    rewrite(captured.graph, targets, "eval", fm._sequential)
     unrewrite(captured.graph, keep=fm._dense_targets)
     for k, v in captured.constants.items():
         fm.capaboost_constants.register_buffer(k, v, persistent=False)
@@ -162,8 +202,9 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
             tm._build(tm, "eval", *v.example, v)
             v.compile()
     merged = merged_weights(tm)
-    nonlinear = frozenset(n for n, a in adapters(tm).items() if not a.linear)
-    dense = {adapter_key(n): DenseAdapter(a) for n, a in adapters(tm).items() if not a.linear}
+    nonlinear = frozenset(n for n, a in adapters(tm).items() if not foldable(a))
+    dense = {adapter_key(n): DenseAdapter(a) for n, a in adapters(tm).items()
+             if not foldable(a)}
     variants = []
     for v in tm._variants:
         memo = {id(v.in_spec): v.in_spec, id(v.out_spec): v.out_spec}
@@ -177,5 +218,7 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         fm._add_variant(v)
     object.__setattr__(fm, "_targets", tuple(adapters(tm)))
     object.__setattr__(fm, "_dense_targets", nonlinear)
+    object.__setattr__(fm, "_sequential",
+                       frozenset(n for n, a in adapters(tm).items() if a.sequential))
     fm._build = _build_folded
     return fm

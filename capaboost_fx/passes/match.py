@@ -47,6 +47,7 @@ class Site:
     op: str
     fqn: str  # parameter FQN inside the model (no ``base_model.`` prefix)
     layout: str  # how W is stored: "out_in" (nn.Linear) or "in_out" (Conv1D)
+    bias: str | None = None  # FQN of the op's bias parameter, if it adds one
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Candidate:
     @property
     def layout(self) -> str:
         return next(s.layout for ss in self.sites.values() for s in ss)
+
+    @property
+    def bias_fqn(self) -> str | None:
+        """The bias parameter every site adds, or None (no bias, or different ones)."""
+        found = {s.bias for ss in self.sites.values() for s in ss}
+        return found.pop() if len(found) == 1 else None
 
     @property
     def ops(self) -> list[str]:
@@ -127,7 +134,11 @@ def _site(node: fx.Node, params: dict[str, nn.Parameter]) -> Site | None:
     fqn, transposed = found
     if params[fqn].dim() != 2:
         return None
-    return Site(node, x, op, fqn, layout_t if transposed else layout_plain)
+    b = node.args[2] if op == "linear" and len(node.args) > 2 else (
+        node.args[0] if op == "addmm" else None)
+    bias = _weight_of(b, params) if isinstance(b, fx.Node) else None
+    bias_fqn = bias[0] if bias and not bias[1] and params[bias[0]].dim() == 1 else None
+    return Site(node, x, op, fqn, layout_t if transposed else layout_plain, bias_fqn)
 
 
 def _other_uses(graph: fx.Graph, fqn: str, site_nodes: set[fx.Node]) -> list[str]:

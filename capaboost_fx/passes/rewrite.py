@@ -32,18 +32,22 @@ def adapter_path(weight_fqn: str) -> str:
     return f"{owner}.{child}" if owner else child
 
 
-def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str) -> list[str]:
+def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str,
+            sequential: frozenset[str] = frozenset()) -> list[str]:
     """Insert the adapter update after every site of `targets` in `graph`; returns, per site
-    rewritten, the target name (so callers can assert how many places changed)."""
+    rewritten, the target name (so callers can assert how many places changed). Targets in
+    `sequential` read the op's output y (``y + adapter(y)``), the others its input x."""
     changed = []
     for name, cand in targets.items():
         for site in cand.sites.get(mode, []):
             y = site.node
+            source = y if name in sequential else site.x
             with graph.inserting_after(y):
-                delta = graph.call_module(f"{BASE}.{adapter_path(cand.fqn)}", (site.x,))
+                delta = graph.call_module(f"{BASE}.{adapter_path(cand.fqn)}", (source,))
             with graph.inserting_after(delta):
                 out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
-            y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+            y.replace_all_uses_with(
+                out, delete_user_cb=lambda user, out=out, delta=delta: user not in (out, delta))
             for n in (delta, out):
                 n.meta["nn_module_stack"] = dict(y.meta.get("nn_module_stack") or {})
             delta.meta[META] = {"target": name, "role": "delta"}
