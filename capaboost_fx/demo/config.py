@@ -28,22 +28,24 @@ CITATIONS = [
 ]
 #: ``--quick`` values, used for every option not given explicitly. Only the budget shrinks:
 #: the arms keep their settings (learning rates included).
-QUICK = {"steps": 60, "batch_size": 16, "max_length": 32, "eval_size": 256, "latency_runs": 10}
+QUICK = {"steps": 30, "batch_size": 16, "max_length": 32, "eval_size": 256, "latency_runs": 10}
 
 
 @dataclass
 class DemoConfig:
     """Settings of one demo run (the command-line options, as a dataclass).
 
-    The arms' defaults are the best settings of the quality study (``benchmarks/quality.py``,
-    README "Quality"): each arm at its own best learning rate, both with the same budget.
+    The defaults are the best settings of the quality study (``benchmarks/quality.py``, README
+    "Quality"), at its budget (100 steps × batch 16) for both arms: LoRA r = 8 and CapaBoost
+    r = 8, d = 4, density 0.5 (its best arm; with d·density² = 1 both scalings give the same s),
+    each at its best learning rate, 3e-3 for both.
     """
 
     out: str = "runs/demo"
-    steps: int = 300
-    batch_size: int = 32
-    lora_lr: float = 1e-3
-    capaboost_lr: float = 1e-3
+    steps: int = 100
+    batch_size: int = 16
+    lora_lr: float = 3e-3
+    capaboost_lr: float = 3e-3
     seed: int = 0
     max_length: int = 64
     eval_size: int = 2000
@@ -51,7 +53,7 @@ class DemoConfig:
     eval_batch_size: int = 64
     rank: int = 8
     alpha: float = 16.0
-    num_masks: int = 2
+    num_masks: int = 4
     density: float = 0.5
     scaling: str = "paper"  # CapaBoost arm: Spec.scaling
     init: str = "standard"  # both arms: Spec.init

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
-from .capture import BASE, CONSTANTS, capture_graph, to_meta
+from .capture import BASE, CONSTANTS, capture_graph, copy_graph, to_meta
 from .match import find_candidates
 from .rewrite import adapter_key, rewrite, unrewrite
 
@@ -151,7 +151,7 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
 
 def _deploy_graph(flat: torch.fx.Graph, spec_memo: dict[int, object],
                   keep: frozenset[str]) -> torch.fx.Graph:
-    graph = copy.deepcopy(flat, dict(spec_memo))
+    graph = copy_graph(flat, *spec_memo.values())
     unrewrite(graph, keep=keep)
     return graph
 
