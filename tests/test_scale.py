@@ -271,3 +271,18 @@ def test_a_different_flag_value_is_another_capture_not_a_shape_error() -> None:
         ref = model.eval()(input_ids=ids, output_hidden_states=True)
     assert len(out.hidden_states) == len(ref.hidden_states) == 3
     torch.testing.assert_close(out.logits, ref.logits)  # B = 0: equal to the base
+
+
+def test_deploy_base_model_is_the_users_class_and_generates() -> None:
+    model = tiny_llama()
+    model.config.use_cache = True
+    ids = torch.randint(0, 96, (2, 8))
+    tm = cbx.transform(model, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
+    _nonzero(tm)
+    deploy = cbx.fold(tm)
+    assert type(deploy.base_model) is type(model)
+    assert deploy.base_model.config.use_cache and model.config.use_cache  # not left off
+    with torch.no_grad():
+        out = deploy.base_model.generate(ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 11)

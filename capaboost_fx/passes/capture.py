@@ -85,10 +85,21 @@ def _deepcopy(model: nn.Module, memo: dict[int, Any], what: str) -> nn.Module:
 def _no_cache(module: nn.Module) -> nn.Module:
     """Decoder models return a KV-cache object when use_cache is on; training needs none.
     Every submodule's config is switched off (T5's decoder stack keeps its own config)."""
+    switched = []
     for m in module.modules():
         config = getattr(m, "config", None)
         if config is not None and getattr(config, "use_cache", False):
             config.use_cache = False
+            switched.append(config)
+    object.__setattr__(module, "_capaboost_cache_off", switched)
+    return module
+
+
+def restore_cache_flags(module: nn.Module) -> nn.Module:
+    """Undo `_no_cache` on a copy that users keep (the deploy module's eager structure: its
+    config is saved with save_pretrained and used for generation)."""
+    for config in module.__dict__.pop("_capaboost_cache_off", []):
+        config.use_cache = True
     return module
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
-from .capture import BASE, CONSTANTS, capture_graph, copy_graph, to_meta
+from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
 from .match import find_candidates
 from .rewrite import adapter_key, rewrite, unrewrite
 
@@ -130,7 +130,7 @@ def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor]) -> nn.Modul
             continue
         real = base.get_buffer(fqn)
         memo[id(t)] = real.clone() if id(real) in own else real
-    return copy.deepcopy(twin, memo)
+    return restore_cache_flags(copy.deepcopy(twin, memo))
 
 
 def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
