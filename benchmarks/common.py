@@ -35,6 +35,7 @@ if ROOT not in sys.path:  # `python benchmarks/run.py` from anywhere uses this c
     sys.path.insert(0, ROOT)
 
 import capaboost_fx as cbx  # noqa: E402
+from capaboost_fx.onnx.runtime import round_order  # noqa: E402
 
 TARGETS = ["*.query", "*.value"]
 THREADS = 2
@@ -448,11 +449,7 @@ def alternate(fns: dict[str, Callable[[], float]], rounds: int,
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        k = r % len(names)
-        order = names[k:] + names[:k]
-        if (r // len(names)) % 2:
-            order.reverse()
-        for n in order:
+        for n in round_order(names, r):
             gc.collect()
             out[n].append(fns[n]())
         if on_round:

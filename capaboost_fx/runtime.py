@@ -12,19 +12,7 @@ import importlib
 import warnings
 from typing import Any
 
-__all__ = sorted(
-    [
-        "CPU",
-        "CUDA",
-        "LatencyStats",
-        "Session",
-        "cuda_usable",
-        "measure_latency",
-        "open_session",
-        "resolve_providers",
-        "synthesize_inputs",
-    ]
-)
+__all__ = sorted(importlib.import_module("capaboost_fx.onnx.runtime").__all__)
 
 
 def __getattr__(name: str) -> Any:

@@ -252,16 +252,8 @@ def _finish(
         _check(staged, final)
     result = None
     if verify:
-        result = verify_onnx(
-            staged,
-            module,
-            args,
-            kwargs,
-            rtol=rtol,
-            atol=atol,
-            providers=providers,
-            strict=quantize is None,
-        )
+        result = verify_onnx(staged, module, args, kwargs, rtol=rtol, atol=atol,
+                             providers=providers, strict=quantize is None)
     elif kind != "none" or quantize:
         # Unverified, but a rewritten graph must at least load (onnxruntime checks its shapes).
         open_session(staged, providers="cpu", graph_optimization_level="disable")
@@ -383,21 +375,9 @@ def export_onnx(
         chosen = None
         for i, (kind, staged, fusions) in enumerate(candidates):
             try:
-                chosen = _finish(
-                    kind,
-                    staged,
-                    fusions,
-                    quantize,
-                    use_external,
-                    verify,
-                    module,
-                    args,
-                    kwargs,
-                    rtol=rtol,
-                    atol=atol,
-                    providers=providers,
-                    final=final,
-                )
+                chosen = _finish(kind, staged, fusions, quantize, use_external, verify, module,
+                                 args, kwargs, rtol=rtol, atol=atol, providers=providers,
+                                 final=final)
             except (ExportError, VerificationError) as e:
                 if i + 1 == len(candidates):
                     raise

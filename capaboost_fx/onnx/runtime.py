@@ -65,6 +65,7 @@ __all__ = [
     "measure_latency",
     "open_session",
     "resolve_providers",
+    "round_order",
     "synthesize_inputs",
 ]
 
@@ -449,6 +450,15 @@ def _runner(target: Runner, feeds: Mapping[str, Any] | None, name: str) -> tuple
     )
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The order of round `r` when timing several things side by side: rotated by one each
+    round and reversed every other cycle, so each takes every position and no one always
+    follows the same neighbour."""
+    k = r % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if (r // len(names)) % 2 else order
+
+
 def measure_latency(
     targets: Runner | Mapping[str, Runner],
     feeds: Mapping[str, Any] | None = None,
@@ -510,11 +520,7 @@ def measure_latency(
     gc.disable()  # a collection inside one timed call would land on one target only
     try:
         for r in range(runs):
-            k = r % len(names)
-            order = names[k:] + names[:k]
-            if (r // len(names)) % 2:
-                order.reverse()
-            for n in order:
+            for n in round_order(names, r):
                 fn, calls = runners[n], []
                 for _ in range(calls_per_run):
                     t0 = time.perf_counter()
