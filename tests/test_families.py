@@ -107,3 +107,32 @@ def test_plain_modules(build, x, targets) -> None:
     tm.eval()
     with torch.no_grad():
         torch.testing.assert_close(cbx.fold(tm)(x), tm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_whisper_encoder_decoder_with_audio_features() -> None:
+    cfg = transformers.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=2,
+                                     decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=8,
+                                     max_source_positions=16, max_target_positions=32,
+                                     pad_token_id=0, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    feats = torch.randn(2, 8, 32)  # (batch, mel bins, 2 x max_source_positions frames)
+    dec = torch.randint(2, 64, (2, 5))
+    tm = cbx.transform(model, cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=2),
+                       example_kwargs={"input_features": feats, "decoder_input_ids": dec,
+                                       "labels": dec})
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+    tm.train()
+    tm(input_features=feats, decoder_input_ids=dec, labels=dec).loss.backward()
+    tm.eval()
+    with torch.no_grad():
+        ours = tm(input_features=feats, decoder_input_ids=dec[:, :3]).logits  # no labels
+        assert (ours - model(input_features=feats, decoder_input_ids=dec[:, :3]).logits
+                ).abs().max() > 1e-4
+        torch.testing.assert_close(cbx.fold(tm)(input_features=feats,
+                                                decoder_input_ids=dec[:, :3]).logits,
+                                   ours, rtol=1e-4, atol=1e-5)
