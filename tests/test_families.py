@@ -136,3 +136,16 @@ def test_whisper_encoder_decoder_with_audio_features() -> None:
         torch.testing.assert_close(cbx.fold(tm)(input_features=feats,
                                                 decoder_input_ids=dec[:, :3]).logits,
                                    ours, rtol=1e-4, atol=1e-5)
+
+
+def test_data_dependent_loss_code_gets_a_hint_about_labels() -> None:
+    cfg = transformers.DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64)
+    model = transformers.DebertaV2ForSequenceClassification(cfg)
+    ids = torch.randint(3, 60, (2, 9))
+    with pytest.raises(cbx.CaptureError, match="capture without labels"):
+        cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
+                      example_kwargs={"input_ids": ids, "labels": torch.tensor([0, 1])})
+    tm = cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
+                       example_kwargs={"input_ids": ids})  # as the hint says: works
+    assert tm(input_ids=ids).logits.shape == (2, 2)

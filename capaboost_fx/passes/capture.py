@@ -340,7 +340,8 @@ def _bind(model: nn.Module, static: dict[str, Any]) -> Iterator[None]:
         del model.forward
 
 
-def _explain_failure(model: nn.Module, mode: str, err: Exception) -> str:
+def _explain_failure(model: nn.Module, mode: str, err: Exception,
+                     names: tuple[str, ...] = ()) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     lines = text.splitlines()
     short = "\n    ".join(lines[:12]) + ("\n    ..." if len(lines) > 12 else "")
@@ -349,6 +350,9 @@ def _explain_failure(model: nn.Module, mode: str, err: Exception) -> str:
         hints.append("the model returns a KV cache: pass use_cache=False in the example, or "
                      "set model.config.use_cache = False")
     if "data-dependent" in text.lower() or "GuardOnDataDependent" in text:
+        if "labels" in names:
+            hints.append("the model's loss code branches on label values: capture without "
+                         "labels and compute the loss from the logits yourself")
         hints.append("the model branches on tensor values; torch.export needs torch._check "
                      "or torch.cond there (see torch.export docs on data-dependent control flow)")
     if "meta" in text.lower() and ("device" in text.lower() or "item" in text.lower()):
@@ -392,7 +396,8 @@ def export_graph(
     except (CaptureError, InputError):
         raise
     except Exception as e:
-        raise CaptureError(_explain_failure(twin, mode_name, e)) from e
+        raise CaptureError(_explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound))
+                           ) from e
     finally:
         twin.train(was_training)
     seconds = time.perf_counter() - t0
