@@ -154,4 +154,9 @@ def test_quick_run_end_to_end(tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert f"| ONNX nodes | {onnx['base']['nodes']} | {onnx['folded']['nodes']} |" in md
     assert "(PASS)" in md
+    q = onnx["int8"]  # dynamic int8: its accuracy and speed are measured, not assumed
+    assert (out / "onnx" / "folded_int8.onnx").is_file()
+    assert 0 <= q["accuracy"] <= 1 and q["speedup"] > 0
+    assert q["file_bytes"]["int8"] < q["file_bytes"]["fp32"]
+    assert "dynamic int8" in md
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left

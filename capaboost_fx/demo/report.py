@@ -254,6 +254,18 @@ def _onnx(onnx: Mapping[str, Any], threads: int) -> list[str]:
         f"{srv['equal']}/{srv['n']} dev sentences{ties} ({'PASS' if srv['match'] else 'FAIL'}); "
         f"max |Δlogit| = {srv['max_abs_logit_diff']:.2e}; onnxruntime accuracy "
         f"{_pct(srv['accuracy'])}. {batching}")
+    if onnx.get("int8"):
+        q = onnx["int8"]
+        lines += ["", "| folded model, onnxruntime CPU | fp32 | dynamic int8 |",
+                  "| --- | ---: | ---: |",
+                  f"| dev accuracy | {_pct(q['accuracy_fp32'])} | {_pct(q['accuracy'])} |",
+                  f"| latency, median, batch {b} × {s} | {q['latency_ms']['fp32']:.2f} ms | "
+                  f"{q['latency_ms']['int8']:.2f} ms |",
+                  f"| file size | {_mb(q['file_bytes']['fp32'])} | "
+                  f"{_mb(q['file_bytes']['int8'])} |", "",
+                  f"int8 is {q['speedup']:.2f}× as fast as fp32 and agrees with it on "
+                  f"{_pct(q['agreement_with_fp32'])} of dev predictions (accuracy change "
+                  f"{100 * (q['accuracy'] - q['accuracy_fp32']):+.2f} points)."]
     if onnx.get("compare_markdown"):
         lines += ["", "### `compare_onnx(base, folded)`", "", onnx["compare_markdown"]]
     return lines

@@ -253,12 +253,18 @@ def _export(config: DemoConfig, base: nn.Module, deploy: nn.Module,
             rep = cbx.export_onnx(module, str(tmp / f"{key}.onnx"), example_kwargs=dict(example),
                                   verify=True)
             info[key] = {"export_seconds": time.perf_counter() - t1, "export": rep.to_dict()}
+        _say(config, "[demo] exporting the folded model as dynamic int8 (CPU)")
+        t1 = time.perf_counter()
+        rep = cbx.export_onnx(deploy, str(tmp / "folded_int8.onnx"),
+                              example_kwargs=dict(example), quantize="int8")
+        info["folded_int8"] = {"export_seconds": time.perf_counter() - t1,
+                               "export": rep.to_dict()}
         final.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):  # same names, so external-data links stay valid
             os.replace(f, final / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    paths = {k: str(final / f"{k}.onnx") for k in ("base", "folded")}
+    paths = {k: str(final / f"{k}.onnx") for k in ("base", "folded", "folded_int8")}
     for key, path in paths.items():
         s = onnx_stats(path)
         info[key].update(nodes=s.node_count, initializers=s.initializer_count,
@@ -284,13 +290,18 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
     from capaboost_fx.onnx.stats import compare_onnx
 
     t0 = time.perf_counter()
-    session = open_session(paths["folded"], providers="cpu", intra_op_num_threads=threads)
-    ort_logits = torch.zeros_like(pt_logits)
-    for (ids, mask), (idx, real) in progress(list(zip(inputs, batches, strict=True)),
-                                             config.progress, desc="serve folded (onnxruntime)",
-                                             unit="batch"):
-        got = session.run({"input_ids": ids, "attention_mask": mask})
-        ort_logits[idx[:real]] = torch.as_tensor(got[session.output_names[0]])[:real].float()
+
+    def serve(path: str, what: str) -> torch.Tensor:
+        session = open_session(path, providers="cpu", intra_op_num_threads=threads)
+        logits = torch.zeros_like(pt_logits)
+        for (ids, mask), (idx, real) in progress(list(zip(inputs, batches, strict=True)),
+                                                 config.progress, desc=f"serve {what}",
+                                                 unit="batch"):
+            got = session.run({"input_ids": ids, "attention_mask": mask})
+            logits[idx[:real]] = torch.as_tensor(got[session.output_names[0]])[:real].float()
+        return logits
+
+    ort_logits = serve(paths["folded"], "folded (onnxruntime)")
     ort_preds, pt_preds = ort_logits.argmax(-1), pt_logits.argmax(-1)
     equal = int((ort_preds == pt_preds).sum())
     # A prediction may only flip where PyTorch's own top-2 margin is within rounding noise.
@@ -314,6 +325,22 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
     result["same_graph"] = cmp.same_graph
     result["compare_markdown"] = cmp.to_markdown("base", "folded")
     result["graph_note"] = _graph_note(cmp, base)
+    # int8: what dynamic quantization costs in accuracy, and what it buys in latency.
+    _say(config, "[demo] serving the int8 model and timing it against fp32")
+    int8_preds = serve(paths["folded_int8"], "folded int8 (onnxruntime)").argmax(-1)
+    q = compare_onnx(paths["folded"], paths["folded_int8"], latency=True,
+                     runs=config.latency_runs, providers="cpu", intra_op_num_threads=threads,
+                     inputs=dict(example), batch_size=int(example["input_ids"].shape[0]),
+                     seq_len=int(example["input_ids"].shape[1]))
+    result["int8"] = {
+        "accuracy": float((int8_preds == labels).float().mean()),
+        "accuracy_fp32": result["serving"]["accuracy"],
+        "agreement_with_fp32": float((int8_preds == ort_preds).float().mean()),
+        "latency_ms": {"fp32": q.latency_base.median_ms, "int8": q.latency_other.median_ms},
+        "speedup": q.latency_base.median_ms / max(q.latency_other.median_ms, 1e-9),
+        "file_bytes": {"fp32": result["folded"]["file_bytes"],
+                       "int8": result["folded_int8"]["file_bytes"]},
+    }
     result["seconds"] += time.perf_counter() - t0
 
 
@@ -349,5 +376,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
               f"latency {onnx['latency']['base']['median_ms']:.1f}/"
               f"{onnx['latency']['folded']['median_ms']:.1f} ms, onnxruntime == PyTorch: "
               f"{onnx['serving']['equal']}/{onnx['serving']['n']}")
+        if onnx.get("int8"):
+            q = onnx["int8"]
+            print(f"  int8: dev accuracy {100 * q['accuracy']:.2f}% (fp32 "
+                  f"{100 * q['accuracy_fp32']:.2f}%), {q['speedup']:.2f}x as fast as fp32")
     print(f"  total {report['timings']['total_seconds']:.0f} s, status: {report['status']}")
     return 0 if report["status"] == "ok" else 1
