@@ -89,3 +89,33 @@ def test_parallel_adapter_exports(tmp_path) -> None:
     report = cbx.export_onnx(cbx.fold(tm), tmp_path / "pa.onnx", (x,))
     assert report.max_abs_diff < 1e-4
     assert report.op_histogram.get("Relu", 0) == 2  # one dense adapter per target
+
+
+def test_folded_module_captured_with_labels_serves_and_exports_without_them(tmp_path) -> None:
+    """The README's serving call: capture with labels (training), serve with input_ids and
+    attention_mask only, in PyTorch and through ONNX."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=2))
+    ids, mask = torch.randint(0, 100, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    tm = cbx.transform(model, cbx.Spec(targets=["*.query"], rank=2),
+                       example_kwargs={"input_ids": ids, "attention_mask": mask,
+                                       "labels": torch.tensor([0, 1, 1])})
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+    deploy = cbx.fold(tm)
+    serve = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        want = deploy(**serve).logits
+    report = cbx.export_onnx(deploy, tmp_path / "serve.onnx", example_kwargs=serve)
+    from capaboost_fx.onnx import open_session
+
+    sess = open_session(report.path if hasattr(report, "path") else tmp_path / "serve.onnx",
+                        providers="cpu")
+    assert sorted(sess.input_names) == ["attention_mask", "input_ids"]
+    got = sess.run({"input_ids": ids, "attention_mask": mask})["logits"]
+    torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-5)
