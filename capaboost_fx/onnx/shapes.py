@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -19,8 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from capaboost_fx.errors import InputError
-from capaboost_fx.passes.capture import as_args  # noqa: F401  (one input normalisation)
+from capaboost_fx.passes.capture import as_args, bind_inputs  # noqa: F401  (one input rule)
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -110,10 +108,7 @@ def auto_dynamic_shapes(
     """
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise InputError(f"example inputs do not fit {type(module).__name__}.forward: {e}") from e
+    bound = bind_inputs(module, args, kwargs)  # the one binding rule (capture uses it too)
 
     def dims(x: Any) -> dict[int, Any] | None:
         if not isinstance(x, torch.Tensor):
