@@ -171,6 +171,40 @@ def fsdp_rows(layers: int = 12) -> dict:
             "per_block": out["fsdp2-blocks"]["peak_forward_param_fraction"]}
 
 
+def load_row(args: argparse.Namespace) -> dict:
+    """Peak RSS of load_base_weights into a training module built under init_empty_weights,
+    from sharded safetensors (saved by save_pretrained), as a fraction of the model's bytes."""
+    import tempfile
+
+    from accelerate import init_empty_weights
+
+    model = build(args)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder, max_shard_size="200MB")
+    config = model.config
+    del model
+    gc.collect()
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights():
+        empty = LlamaForCausalLM(config)
+    ids = torch.randint(0, args.vocab, (2, 16))
+    tm = cbx.transform(empty, SPEC, example_kwargs={"input_ids": ids, "labels": ids},
+                       modes=("train",))
+    gc.collect()
+    with Peak() as t:
+        report = cbx.load_base_weights(tm, folder)
+    start = t.start
+    with Peak() as t2, torch.no_grad():  # safetensors memory-maps: pages load on first use
+        tm.eval()(input_ids=ids)
+    shards = len(list(Path(folder).glob("*.safetensors")))
+    return {"shards": shards, "loaded": report["loaded"], "seconds": report["seconds"],
+            "peak": (t.peak - start) / nbytes, "extra_after": (t.end - start) / nbytes,
+            "extra_after_first_forward": (t2.end - start) / nbytes,
+            "peak_through_first_forward": (t2.peak - start) / nbytes}
+
+
 def llama7b_row() -> dict:
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -191,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--llama7b", action="store_true")
+    p.add_argument("--load-only", action="store_true",
+                   help="only measure load_base_weights (peak memory of streaming the shards)")
     p.add_argument("--out", default="runs/bench_scale.json")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -200,8 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.vocab, args.hidden, args.ffn, args.layers = 32000, 1024, 2816, 16
         args.ck_layers, args.batch, args.seq = 8, 4, 768
+    if args.load_only:
+        row = load_row(args)
+        print(f"load_base_weights: {row['shards']} shards, {row['loaded']} tensors, "
+              f"{row['seconds']} s; peak RSS {row['peak']:.3f} of the model's bytes, "
+              f"{row['extra_after']:.3f} kept after; after the first forward (pages touched) "
+              f"{row['extra_after_first_forward']:.3f}, peak {row['peak_through_first_forward']:.3f}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"load_base_weights": row}, indent=2))
+        return 0
     result = {"memory": memory_rows(args), "activations": activation_rows(args),
-              "fsdp": fsdp_rows()}
+              "fsdp": fsdp_rows(), "load_base_weights": load_row(args)}
     if args.llama7b:
         result["llama7b_meta"] = llama7b_row()
     m, a = result["memory"], result["activations"]
