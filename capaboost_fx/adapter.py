@@ -56,6 +56,7 @@ class CapaBoostAdapter(nn.Module):
         scaling_rule: str = "paper",
         placement: str = "parallel",
         bias_fqn: str | None = None,
+        output_of: str | None = None,
     ) -> None:
         super().__init__()
         if placement not in ("parallel", "sequential"):
@@ -73,7 +74,10 @@ class CapaBoostAdapter(nn.Module):
         self.name = name
         # The adapted weight's parameter name in your model, and how it is stored:
         # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D: the fold adds ΔWᵀ).
-        self.weight_fqn = weight_fqn or (f"{name}.weight" if name else "weight")
+        # A sequential adapter after a module's output (not an op's) adapts no weight.
+        self.output_of = output_of
+        self.weight_fqn = None if output_of else (
+            weight_fqn or (f"{name}.weight" if name else "weight"))
         if layout not in ("out_in", "in_out"):
             raise SpecError(f"adapter layout must be 'out_in' or 'in_out', got {layout!r}")
         self.layout = layout
@@ -168,6 +172,7 @@ class CapaBoostAdapter(nn.Module):
             + (f", init={self.init}" if self.init != "standard" else "")
             + (f", activation={self.activation}" if self.activation != "identity" else "")
             + (", sequential" if self.sequential else "")
+            + (f", after module {self.output_of!r}" if self.output_of else "")
         )
 
 

@@ -32,8 +32,16 @@ from .passes.capture import (
     shared_shell,
     to_meta,
 )
-from .passes.match import Candidate, check, find_candidates, select
-from .passes.rewrite import adapter_path, rewrite
+from .passes.match import (
+    Candidate,
+    check,
+    find_candidates,
+    module_candidates,
+    module_targets,
+    select,
+    sites_for,
+)
+from .passes.rewrite import rewrite
 from .passes.split import split_blocks
 from .spec import Spec, pattern_matches
 
@@ -141,8 +149,7 @@ def _install_blocks(shell: nn.Module, names: list[str]) -> None:
 
 def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> CapaBoostAdapter:
     spec = spec.for_target(name)
-    w = c.param
-    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+    dtype = torch.float32 if c.dtype in (torch.float16, torch.bfloat16) else c.dtype
     sequential = spec.method == "sadapter"
     adapter = CapaBoostAdapter(
         c.out_features if sequential else c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
@@ -150,8 +157,17 @@ def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> 
         layout=c.layout, dtype=dtype, device=None if device.type == "meta" else device,
         activation=spec.activation, init=spec.init, scaling_rule=spec.scaling,
         placement="sequential" if sequential else "parallel", bias_fqn=c.bias_fqn,
+        output_of=c.name if c.kind == "module" else None,
     )
     return adapter
+
+
+def _all_candidates(twin: nn.Module, captured: Captured, spec: Spec) -> dict[str, Any]:
+    """Linear ops of the train graph, plus the modules a ``sadapter`` spec follows."""
+    graphs = {"train": captured.graph}
+    candidates = find_candidates(graphs, twin)
+    names = module_targets(spec, candidates, [n for n, _ in twin.named_modules()])
+    return {**candidates, **module_candidates(graphs, names)}
 
 
 def _freeze(shell: nn.Module, trainable: list[str]) -> list[str]:
@@ -199,16 +215,14 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
     """Rewrite, split and install one captured graph into `variant` of `tm`."""
     mode, graph = captured.mode, captured.graph
     adapters = tm.adapters()
-    candidates = find_candidates({mode: graph}, tm._twin)
-    targets = {}
-    for name in adapters:
-        cand = candidates.get(name)
-        if cand is None or not cand.sites.get(mode):
-            raise CaptureError(
-                f"target {name!r} has no linear op in the graph captured in {mode} mode for "
-                "this call; the model computes it differently here, so its adapter cannot apply."
-            )
-        targets[name] = cand
+    targets, missing = sites_for(graph, mode, tm._twin,
+                                 {n: a.output_of for n, a in adapters.items()})
+    if missing:
+        name, why = next(iter(missing.items()))
+        raise CaptureError(
+            f"target {name!r} cannot be found in the graph captured in {mode} mode for this "
+            f"call ({why}); the model computes it differently here, so its adapter cannot apply."
+        )
     sequential = frozenset(n for n, a in adapters.items() if a.sequential)
     changed = rewrite(graph, targets, mode, sequential)
     if variant.key == 0:
@@ -299,7 +313,7 @@ def transform(
     t0 = time.perf_counter()
     twin = meta_twin(model)
     captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes, tag="v0_")
-    candidates = find_candidates({"train": captured.graph}, twin)
+    candidates = _all_candidates(twin, captured, spec)
     selection = select(candidates, spec)
     check(selection, candidates, spec)
 
@@ -307,7 +321,7 @@ def transform(
     device = next((p.device for p in shell.parameters()), torch.device("cpu"))
     trainable = _freeze(shell, spec.trainable)
     for name, c in selection.targets.items():
-        owner_path, _, child = adapter_path(c.fqn).rpartition(".")
+        owner_path, _, child = c.adapter_path.rpartition(".")
         owner = shell.get_submodule(owner_path) if owner_path else shell
         owner.add_module(child, _make_adapter(name, c, spec, device))
     split, ck, explicit = _plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
@@ -397,8 +411,8 @@ def inspect(
         warnings.simplefilter("ignore")
         twin = meta_twin(model)
         captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes)
-    candidates = find_candidates({"train": captured.graph}, twin)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
+    candidates = _all_candidates(twin, captured, probe)
     selection = select(candidates, probe)
     report = InspectReport(unmatched_patterns=selection.unmatched if spec else [])
     for name, c in candidates.items():
@@ -416,7 +430,7 @@ def inspect(
             why = selection.skipped.get(name)
             opened = [t for t in probe.trainable if any(
                 pattern_matches(t, a) or pattern_matches(t, a.rpartition(".")[0])
-                for a in [name, c.fqn, *c.aliases])]
+                for a in [name, c.fqn or name, *c.aliases])]
             if opened and why is not None and why.kind == "not_matched":
                 row.update(kind="trainable", reason=f"trained in full (Spec.trainable "
                            f"{opened[0]!r}), not adapted")

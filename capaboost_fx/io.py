@@ -171,13 +171,13 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     targets: dict[str, Any] = {}
     for name, a in adapters(tm).items():
-        w = base.get_parameter(a.weight_fqn)
+        shape = list(base.get_parameter(a.weight_fqn).shape) if a.weight_fqn else None
         for attr, _ in a.named_parameters():  # A, B (and a sequential adapter's biases)
             tensors[f"adapter.{name}.{attr}"] = getattr(a, attr).detach().cpu().contiguous()
         tensors[f"adapter.{name}.mask_A"] = _pack(a.mask_A)
         tensors[f"adapter.{name}.mask_B"] = _pack(a.mask_B)
-        targets[name] = {"weight": a.weight_fqn, "weight_shape": list(w.shape),
-                         "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
+        targets[name] = {"weight": a.weight_fqn, "weight_shape": shape,
+                         "output_of": a.output_of, "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
                          "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
     # spec.trainable parameters: those still trainable besides the adapters' own A and B
     # (which may live inside the base module tree).
@@ -187,7 +187,7 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
         tensors[f"trainable.{n}"] = base.get_parameter(n).detach().cpu().contiguous()
     base_weights = {}
     for name, info in targets.items():
-        if info["weight"] not in trainable:  # a trained weight is saved whole, not compared
+        if info["weight"] and info["weight"] not in trainable:  # a trained weight is saved whole, not compared
             digests = weight_digests(base.get_parameter(info["weight"]))
             if digests is not None:
                 base_weights[name] = digests
@@ -293,8 +293,8 @@ def load_adapter(
     saved = header["targets"]
     ours = {}
     for name, a in adapters(tm).items():
-        ours[name] = {"weight": a.weight_fqn,
-                      "weight_shape": list(base.get_parameter(a.weight_fqn).shape)}
+        ours[name] = {"weight": a.weight_fqn, "weight_shape": list(
+            base.get_parameter(a.weight_fqn).shape) if a.weight_fqn else None}
     if set(saved) != set(ours) or any(
             [saved[n].get("weight"), saved[n].get("weight_shape")] !=
             [ours[n]["weight"], ours[n]["weight_shape"]] for n in ours):

@@ -5,6 +5,8 @@ output, y + s·Σᵢ[(B⊙Nᵢ) act((A⊙Mᵢ) y + b_d) + b_u], in float64."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -111,3 +113,160 @@ def test_official_init_and_onnx_export(tmp_path) -> None:
     cbx.export_onnx(model, base, example_inputs=(x,))
     # Identity sequential adapter after a biased op: folded into fc1, the base graph again.
     assert cbx.compare_onnx(base, tmp_path / "seq.onnx", latency=False).same_graph
+
+
+# ----------------------------------------------------------------------------- module outputs
+
+
+def _hook_reference(model: nn.Module, adapters: dict, call) -> torch.Tensor:
+    """Eager reference: a forward hook on each named module adds the d masked bottleneck
+    copies to its output (float64), written without the graph passes."""
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    for a in adapters.values():
+        def hook(_m, _inp, y, a=a):
+            update = torch.zeros_like(y)
+            for i in range(a.num_masks):
+                down = (a.A * a.mask_A[i]).double()
+                up = (a.B * a.mask_B[i]).double()
+                update = update + torch.relu(y @ down.T + a.bias_down.double()) @ up.T \
+                    + a.bias_up.double()
+            return y + a.scaling * update
+        ref.get_submodule(a.output_of).register_forward_hook(hook)
+    return call(ref)
+
+
+def _nonzero_all(tm) -> dict:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            for p in a.parameters():
+                p.normal_(0, 0.2)
+    return cbx.adapters(tm)
+
+
+@pytest.mark.parametrize("family,pattern,width", [
+    ("llama", "model.layers.*.mlp", 32),       # LlamaMLP: its output is down_proj's
+    ("bert", r"re:.*layer\.\d+\.output", 32),  # BertOutput: LayerNorm(dense + residual)
+])
+def test_after_a_module_output_matches_eager_hooks(family, pattern, width, tmp_path) -> None:
+    from models import CASES
+
+    case = next(c for c in CASES if c.name == family)
+    torch.manual_seed(0)
+    model = case.build().double().eval()
+    args, kwargs = case.inputs(3, 7)
+    spec = cbx.Spec(targets=[pattern], method="sadapter", rank=4, num_masks=2, density=0.5,
+                    activation="relu")
+    tm = cbx.transform(model, spec, args, kwargs).eval()
+    adapters = _nonzero_all(tm)
+    assert len(adapters) == 2 and all(a.output_of and a.weight_fqn is None
+                                      for a in adapters.values())
+    assert all(a.in_features == a.out_features == width for a in adapters.values())
+    with torch.no_grad():
+        got = _first(tm(*args, **kwargs))
+        want = _first(_hook_reference(model, adapters, lambda m: m(*args, **kwargs)))
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        assert (got - _first(model(*args, **kwargs))).abs().max() > 1e-3
+        # Another shape (a new variant is captured) and the fold (one dense adapter each).
+        args2, kwargs2 = case.inputs(5, 11)
+        torch.testing.assert_close(
+            _first(tm(*args2, **kwargs2)),
+            _first(_hook_reference(model, adapters, lambda m: m(*args2, **kwargs2))),
+            rtol=1e-9, atol=1e-9)
+        deploy = cbx.fold(tm)
+        assert len(deploy.capaboost_dense) == 2
+        torch.testing.assert_close(_first(deploy(*args, **kwargs)), got, rtol=1e-9, atol=1e-9)
+    # Trains: gradients reach every adapter parameter, none the base.
+    tm.train()
+    _first(tm(*args, **kwargs)).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for a in adapters.values() for p in a.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    # inspect accounts for them; the adapter file round-trips.
+    rows = cbx.inspect(model, spec, args, kwargs).targets
+    assert [r["ops"] for r in rows] == [["module output"]] * 2
+    assert sum(r["trainable_params"] for r in rows) == sum(
+        a.num_trainable() for a in adapters.values())
+    path = tmp_path / "mod.safetensors"
+    cbx.save_adapter(tm, path)
+    loaded = cbx.load_adapter(model, path, args, kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_first(loaded(*args, **kwargs)), got, rtol=1e-12, atol=1e-12)
+
+
+def _first(out):
+    from models import first_tensor
+
+    return first_tensor(out)
+
+
+def test_module_output_and_op_inside_it_compose_in_order(tmp_path) -> None:
+    """An adapter on fc1's output and one on the whole block's output: the block's adapter
+    sees fc1's adapted output flowing through the rest of the block."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    class Net2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head = Block(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(x) + x)
+
+    torch.manual_seed(0)
+    model = Net2().double().eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    spec = cbx.Spec(targets=["block", "block.fc1"], method="sadapter", rank=2,
+                    activation="relu")
+    tm = cbx.transform(model, spec, (x,)).eval()
+    ad = _nonzero_all(tm)
+    assert set(ad) == {"block", "block.fc1"} and ad["block"].output_of == "block"
+
+    def bottleneck(a, y):
+        return y + a.scaling * sum(
+            torch.relu(y @ (a.A * a.mask_A[i]).double().T + a.bias_down.double())
+            @ (a.B * a.mask_B[i]).double().T + a.bias_up.double() for i in range(a.num_masks))
+    with torch.no_grad():
+        h = bottleneck(ad["block.fc1"], model.block.fc1(x))
+        want = model.head(bottleneck(ad["block"], model.block.fc2(torch.tanh(h))) + x)
+        torch.testing.assert_close(tm(x), want, rtol=1e-10, atol=1e-10)
+        deploy = cbx.fold(tm)
+        torch.testing.assert_close(deploy(x), want, rtol=1e-10, atol=1e-10)
+    if importlib.util.find_spec("onnxruntime") is not None:  # exported, verified inside
+        report = cbx.export_onnx(deploy.float(), tmp_path / "nested.onnx",
+                                 example_inputs=(x.float(),))
+        assert report.verified and report.op_histogram.get("Relu") == 2  # two dense adapters
+
+
+def test_module_targets_need_sadapter_and_a_single_output() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y * 2
+
+    class Net3(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pair, self.out = Pair(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            a, b = self.pair(x)
+            return self.out(a + b)
+
+    x = torch.randn(3, 6)
+    with pytest.raises(cbx.TargetNotFoundError, match="sadapter"):
+        cbx.transform(Net3(), cbx.Spec(targets=["pair"]), (x,))
+    with pytest.raises(cbx.TargetError, match="2 tensors"):
+        cbx.transform(Net3(), cbx.Spec(targets=["pair"], method="sadapter"), (x,))

@@ -19,7 +19,7 @@ from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
-from .match import find_candidates
+from .match import sites_for
 from .rewrite import adapter_key, rewrite, unrewrite
 
 
@@ -170,8 +170,7 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
     twin; nonlinear adapters stay as dense ones, linear ones are already in the weights."""
     key = len(fm._variants)
     captured = capture_graph(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
-    candidates = find_candidates({"eval": captured.graph}, fm._twin)
-    targets = {n: candidates[n] for n in fm._targets if n in candidates}
+    targets, _ = sites_for(captured.graph, "eval", fm._twin, fm._targets)
     rewrite(captured.graph, targets, "eval", fm._sequential)
     unrewrite(captured.graph, keep=fm._dense_targets)
     for k, v in captured.constants.items():
@@ -216,7 +215,7 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
     object.__setattr__(fm, "_twin", tm._twin)
     for v in variants:
         fm._add_variant(v)
-    object.__setattr__(fm, "_targets", tuple(adapters(tm)))
+    object.__setattr__(fm, "_targets", {n: a.output_of for n, a in adapters(tm).items()})
     object.__setattr__(fm, "_dense_targets", nonlinear)
     object.__setattr__(fm, "_sequential",
                        frozenset(n for n, a in adapters(tm).items() if a.sequential))

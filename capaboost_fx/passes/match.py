@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -48,6 +49,7 @@ class Site:
     fqn: str  # parameter FQN inside the model (no ``base_model.`` prefix)
     layout: str  # how W is stored: "out_in" (nn.Linear) or "in_out" (Conv1D)
     bias: str | None = None  # FQN of the op's bias parameter, if it adds one
+    region: frozenset[fx.Node] = frozenset()  # a module output's own ops (module sites only)
 
 
 @dataclass
@@ -61,9 +63,19 @@ class Candidate:
     reason: str | None = None  # why it cannot be adapted, None if it can
     aliases: list[str] = field(default_factory=list)  # names of tied copies
 
+    kind = "op"
+
     @property
     def layout(self) -> str:
         return next(s.layout for ss in self.sites.values() for s in ss)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def adapter_path(self) -> str:
+        return adapter_path(self.fqn)
 
     @property
     def bias_fqn(self) -> str | None:
@@ -82,6 +94,14 @@ class Candidate:
     @property
     def out_features(self) -> int:
         return self.param.shape[0] if self.layout == "out_in" else self.param.shape[1]
+
+
+def adapter_path(weight_fqn: str) -> str:
+    """Where a weight's adapter lives in the model tree: beside the weight, in the module
+    that owns it (``...q_proj.capaboost``; ``...self_attn.capaboost_in_proj_weight``)."""
+    owner, _, attr = weight_fqn.rpartition(".")
+    child = "capaboost" if attr == "weight" else f"capaboost_{attr}"
+    return f"{owner}.{child}" if owner else child
 
 
 def target_name(fqn: str) -> str:
@@ -201,6 +221,113 @@ def find_candidates(
     return {c.name: c for c in by_id.values()}
 
 
+# ----------------------------------------------------------------------------- module outputs
+
+
+@dataclass
+class ModuleCandidate:
+    """A module whose output a sequential adapter follows (``Spec(method="sadapter")`` with a
+    targets entry that names modules, not linear ops: ``"model.layers.*.mlp"``). Its site is
+    the one tensor the module's ops hand to the rest of the graph."""
+
+    name: str
+    width: int
+    dtype: torch.dtype
+    sites: dict[str, list[Site]] = field(default_factory=lambda: defaultdict(list))
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    kind = "module"
+    fqn = None
+    layout = "out_in"
+    bias_fqn = None
+    ops = ["module output"]
+
+    @property
+    def in_features(self) -> int:
+        return self.width
+
+    out_features = in_features
+
+    @property
+    def adapter_path(self) -> str:
+        return f"{self.name}.capaboost"
+
+
+def in_module(node: fx.Node, module: str) -> bool:
+    """Whether `node` was traced inside a call of `module` (an FQN), per ``nn_module_stack``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == module for path, _ in stack.values())
+
+
+def module_output(graph: fx.Graph, module: str) -> tuple[Site | None, str | None]:
+    """The site of `module`'s single tensor output in `graph`, or None and why not."""
+    region = [n for n in graph.nodes
+              if n.op in ("call_function", "call_module") and in_module(n, module)]
+    if not region:
+        return None, "it runs no op in this graph (an identity, or dropout in eval)"
+    members = frozenset(region)
+    outs = [n for n in region if isinstance(n.meta.get("val"), torch.Tensor)
+            and any(u not in members for u in n.users)]
+    if len(outs) != 1:
+        return None, (f"its calls hand {len(outs)} tensors to the rest of the model; a "
+                      "sequential adapter follows a module called once that returns one tensor")
+    y = outs[0]
+    val = y.meta["val"]
+    if not val.is_floating_point() or val.dim() == 0 or not isinstance(val.shape[-1], int):
+        return None, (f"its output ({val.dtype}, shape {tuple(val.shape)}) has no fixed "
+                      "floating-point feature dimension")
+    return Site(y, y, "module", "", "out_in", None, members), None
+
+
+def module_candidates(graphs: dict[str, fx.Graph], names: list[str]) -> dict[str, ModuleCandidate]:
+    """A `ModuleCandidate` per module name, with its site in each graph (or the reason)."""
+    out = {}
+    for name in names:
+        cand = None
+        for mode, graph in graphs.items():
+            site, why = module_output(graph, name)
+            if cand is None:
+                val = site.node.meta["val"] if site else None
+                cand = ModuleCandidate(name, int(val.shape[-1]) if site else 1,
+                                       val.dtype if site else torch.float32)
+            if site is None:
+                cand.reason = cand.reason or f"{why} ({mode} mode)"
+            else:
+                cand.sites[mode].append(site)
+        out[name] = cand
+    return out
+
+
+def module_targets(spec: Spec, candidates: dict[str, Candidate], module_names: list[str]) -> list[str]:
+    """The modules `spec` names for sequential adapters after their output: for
+    ``method="sadapter"``, each targets entry that names no linear op names modules instead."""
+    if spec.method != "sadapter":
+        return []
+    ops = [n for c in candidates.values() for n in _names(c)]
+    found = []
+    for p in spec.targets:
+        if not any(pattern_matches(p, n) for n in ops):
+            found += [m for m in module_names if m and pattern_matches(p, m)]
+    return list(dict.fromkeys(found))
+
+
+def sites_for(graph: fx.Graph, mode: str, holder: nn.Module,
+              wanted: dict[str, str | None]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The candidates in `graph` of targets already chosen: `wanted` maps a target name to its
+    module (sequential after a module's output) or None (a linear op). Returns (found, {name:
+    why missing})."""
+    ops = find_candidates({mode: graph}, holder)
+    mods = module_candidates({mode: graph}, [m for m in wanted.values() if m])
+    found, missing = {}, {}
+    for name, module in wanted.items():
+        cand = mods.get(module) if module else ops.get(name)
+        if cand is None or not cand.sites.get(mode):
+            missing[name] = (cand.reason if cand is not None and cand.reason else
+                             "no linear op uses its weight in this graph")
+        else:
+            found[name] = cand
+    return found, missing
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -279,6 +406,10 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) ->
             f"{close_names(p, all_names)}. Targets are named by the module owning the weight "
             "(e.g. 'bert.encoder.layer.0.attention.self.query'); use globs ('*.query') or "
             "'re:<regex>'; capaboost_fx.inspect(model, spec, ...) lists every candidate."
+            + (" To put a sequential adapter after a module's output, use method='sadapter'."
+               if spec.method != "sadapter" else
+               " With method='sadapter' an entry naming no linear op names modules instead "
+               "(e.g. 'model.layers.*.mlp'); this one names none.")
         )
     for p in spec.targets:  # a pattern whose every hit was rejected for a reason
         hits = [n for n, c in candidates.items() if any(pattern_matches(p, a) for a in _names(c))]

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from .capture import BASE
-from .match import Candidate
+from .match import Candidate, adapter_path, module_output  # noqa: F401 (re-export)
 
 META = "capaboost"
 
@@ -24,30 +24,32 @@ def adapter_key(name: str) -> str:
     return name.replace(".", "/")
 
 
-def adapter_path(weight_fqn: str) -> str:
-    """Where a weight's adapter lives in the model tree: beside the weight, in the module
-    that owns it (``...q_proj.capaboost``; ``...self_attn.capaboost_in_proj_weight``)."""
-    owner, _, attr = weight_fqn.rpartition(".")
-    child = "capaboost" if attr == "weight" else f"capaboost_{attr}"
-    return f"{owner}.{child}" if owner else child
-
-
 def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str,
             sequential: frozenset[str] = frozenset()) -> list[str]:
     """Insert the adapter update after every site of `targets` in `graph`; returns, per site
     rewritten, the target name (so callers can assert how many places changed). Targets in
     `sequential` read the op's output y (``y + adapter(y)``), the others its input x."""
     changed = []
-    for name, cand in targets.items():
-        for site in cand.sites.get(mode, []):
+    # Module outputs last, innermost first: an adapter inside a module (an op's, or a nested
+    # module's) becomes part of what that module hands on, so it is found again here.
+    order = sorted(targets.items(), key=lambda kv: (
+        kv[1].kind == "module", -kv[1].name.count(".") if kv[1].kind == "module" else 0))
+    for name, cand in order:
+        sites = cand.sites.get(mode, [])
+        if cand.kind == "module" and sites:
+            site, why = module_output(graph, cand.name)
+            if site is None:
+                raise AssertionError(f"module output of {name!r} lost by an earlier rewrite: {why}")
+            sites = [site]
+        for site in sites:
             y = site.node
             source = y if name in sequential else site.x
             with graph.inserting_after(y):
-                delta = graph.call_module(f"{BASE}.{adapter_path(cand.fqn)}", (source,))
+                delta = graph.call_module(f"{BASE}.{cand.adapter_path}", (source,))
             with graph.inserting_after(delta):
                 out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
-            y.replace_all_uses_with(
-                out, delete_user_cb=lambda user, out=out, delta=delta: user not in (out, delta))
+            y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out, delta=delta,
+                                    inner=site.region: user not in (out, delta, *inner))
             for n in (delta, out):
                 n.meta["nn_module_stack"] = dict(y.meta.get("nn_module_stack") or {})
             delta.meta[META] = {"target": name, "role": "delta"}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from .capture import BASE
+from .match import in_module
 
 
 @dataclass
@@ -30,9 +31,7 @@ class SplitResult:
     refused: dict[str, str] = field(default_factory=dict)  # block -> why it was not split
 
 
-def _in_block(node: fx.Node, block: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(path == block for path, _ in stack.values())
+_in_block = in_module
 
 
 def _attr_prefix(block: str) -> str:
