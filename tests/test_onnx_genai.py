@@ -1,5 +1,6 @@
-"""onnxruntime-genai export (capaboost_fx.onnx.genai): a CapaBoost-adapted tiny LLaMA, merged,
-built with onnxruntime_genai.models.builder offline, greedy tokens equal transformers'."""
+"""onnxruntime-genai export (capaboost_fx.onnx.genai): a CapaBoost-adapted tiny LLaMA and
+Qwen2 (biased q/k/v), merged, built with onnxruntime_genai.models.builder offline, greedy tokens
+equal transformers'."""
 
 from __future__ import annotations
 
@@ -32,17 +33,36 @@ def _tokenizer(folder):
     return fast
 
 
-def test_capaboost_llama_builds_and_generates_the_same_tokens(tmp_path):
+# Decoder families the builder supports: (config class, model class, adapter targets).
+# Qwen2 has biased q/k/v projections, so the fold into a biased Linear and the builder's
+# bias path are exercised as well as LLaMA's bias-free ones.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", ["*.q_proj", "*.v_proj"]),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", ["*.q_proj", "*.k_proj", "*.v_proj"]),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_capaboost_decoder_builds_and_generates_the_same_tokens(tmp_path, family):
+    config_name, model_name, targets = FAMILIES[family]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     tok = _tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    cfg = config_cls(
         vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # non-zero biases (HF initialises them to zero), so they count
+        biases = [m.bias for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m.bias is not None]
+        for b in biases:
+            b.copy_(torch.randn(b.shape) * 0.5)
+    if family == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None and biases
     ids = torch.randint(0, len(tok), (2, 8))
-    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=4, num_masks=2, density=0.5)
+    spec = cbx.Spec(targets=targets, rank=4, num_masks=2, density=0.5)
     tm = cbx.transform(model, spec, example_kwargs={"input_ids": ids})
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -60,10 +80,15 @@ def test_capaboost_llama_builds_and_generates_the_same_tokens(tmp_path):
                               max_new_tokens=10, min_new_tokens=10)[0, len(rep.prompt_ids):]
     assert base.tolist() != rep.onnx_tokens
     # The merged checkpoint holds the fold's weights; the caller's model is untouched.
-    merged = transformers.LlamaForCausalLM.from_pretrained(rep.checkpoint_dir)
-    w = merged.model.layers[0].self_attn.q_proj.weight
-    delta = cbx.delta_weights(tm)["model.layers.0.self_attn.q_proj"]
-    torch.testing.assert_close(w, model.model.layers[0].self_attn.q_proj.weight + delta)
+    merged = model_cls.from_pretrained(rep.checkpoint_dir)
+    for target in targets:  # layer 0's adapted projections (and biases, where there are any)
+        key = "model.layers.0.self_attn." + target.removeprefix("*.")
+        w = merged.get_submodule(key).weight
+        delta = cbx.delta_weights(tm)[key]
+        torch.testing.assert_close(w, model.get_submodule(key).weight + delta)
+        if model.get_submodule(key).bias is not None:  # the fold leaves biases as they were
+            torch.testing.assert_close(merged.get_submodule(key).bias,
+                                       model.get_submodule(key).bias)
 
 
 def test_refuses_a_checkpoint_without_tokenizer(tmp_path):

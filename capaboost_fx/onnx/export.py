@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from capaboost_fx.errors import ExportError, InputError, VerificationError
+from capaboost_fx.onnx.exporters import DESCRIBE, time_candidates, torchscript_candidates
 from capaboost_fx.onnx.optimize import (
     EXTERNAL_DATA_THRESHOLD,
     check_options,
@@ -75,10 +76,11 @@ class ExportReport:
     providers: list[str]
     dynamic_shapes: str  # "auto", "auto (batch only)", "static (...)" or "user"
     verify_notes: list[str] = field(default_factory=list)  # e.g. why one shape was checked
-    optimize: str = "none"  # what the file holds: "ort" (fused) or "none"
+    optimize: str = "none"  # what the file holds: "ort", "none", "torchscript", "torchscript+ort"
     fusions: dict[str, int] = field(default_factory=dict)  # rewrite rule -> times applied
     quantize: str | None = None  # "int8" or None
     quantized_ops: dict[str, int] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # optimize="fastest": each graph
     verified_levels: list[str] = field(default_factory=list)  # onnxruntime optimization levels
     within_tolerance: bool | None = None  # False only for quantized models (reported, not raised)
     argmax_agreement: dict[str, float] = field(default_factory=dict)
@@ -244,7 +246,7 @@ def _finish(
         target = staged.parent.parent / f"int8_{kind}" / final.name
         quantized_ops = quantize_int8(staged, target, external_data=use_external)
         staged = target
-    if kind == "none":
+    if kind in ("none", "torchscript"):
         # A fused graph holds onnxruntime's own operators, some in the default domain
         # (SimplifiedLayerNormalization) that onnx.checker does not know: onnxruntime is its
         # judge (it loads the graph with its schemas, and verification runs it). The plain
@@ -306,7 +308,13 @@ def export_onnx(
             SkipLayerNormalization, BiasGelu, ...; `fuse_for_ort`) to the exporter's graph;
             "none" keeps the exporter's graph (constant-folded, cleaned up). Should the fused
             graph fail verification while the plain one passes, the plain one is written, with
-            a warning and a note in the report.
+            a warning and a note in the report. "fastest" also makes the TorchScript
+            exporter's graph (``dynamo=False``, of your eager class with merged weights) and
+            that graph fused by ``onnxruntime.transformers.optimizer``, verifies every one,
+            times them side by side at the example inputs (pass a batch shaped like serving)
+            and writes the fastest; ``report.optimize`` says which won, ``report.timings_ms``
+            has each median. "torchscript" / "torchscript+ort" pin one of those (e.g. to
+            compare a base and a folded export of the same kind with `compare_onnx`).
         quantize: "int8" writes a dynamically quantized model (`quantize_int8`); verification
             then reports the max difference and argmax agreement instead of demanding `atol`.
 
@@ -358,7 +366,7 @@ def export_onnx(
         plain = _save(program, tmpdir / "plain", final.name, use_external)
         _check(plain, final)
         candidates: list[tuple[str, Path, dict[str, int]]] = []
-        if optimize == "ort":
+        if optimize in ("ort", "fastest"):
             try:
                 with _quiet():
                     program.model, fusions = fuse_for_ort(program.model)
@@ -368,28 +376,38 @@ def export_onnx(
             except Exception as e:
                 notes.append(f"onnxruntime fusions failed ({type(e).__name__}: {e}); not fused")
                 warnings.warn(f"{final}: {notes[-1]}", RuntimeWarning, stacklevel=2)
-        candidates.append(("none", plain, {}))
+        candidates.append(("none", plain, {}))  # the result for "none", else the fallback
+        if optimize in ("torchscript", "torchscript+ort", "fastest"):
+            ts = torchscript_candidates(optimize, module, args, kwargs, plain, names, opset,
+                                         use_external, tmpdir, final, notes)
+            candidates = candidates + ts if optimize == "fastest" else ts + candidates
         del program
         seconds = time.perf_counter() - start
 
-        chosen = None
+        passed = []
         for i, (kind, staged, fusions) in enumerate(candidates):
             try:
-                chosen = _finish(kind, staged, fusions, quantize, use_external, verify, module,
-                                 args, kwargs, rtol=rtol, atol=atol, providers=providers,
-                                 final=final)
+                passed.append(_finish(kind, staged, fusions, quantize, use_external, verify,
+                                      module, args, kwargs, rtol=rtol, atol=atol,
+                                      providers=providers, final=final))
             except (ExportError, VerificationError) as e:
-                if i + 1 == len(candidates):
+                if i + 1 == len(candidates) and not passed:
                     raise
-                notes.append(
-                    f"the fused graph failed its check ({type(e).__name__}: {e}); falling back "
-                    "to the exporter's unfused graph"
-                )
+                nxt = candidates[i + 1][0] if i + 1 < len(candidates) else ""
+                notes.append(f"the {kind!r} graph failed its check ({type(e).__name__}: {e})"
+                             + ("" if optimize == "fastest" or not nxt else
+                                f"; falling back to {DESCRIBE[nxt]}"))
                 warnings.warn(f"{final}: {notes[-1]}", RuntimeWarning, stacklevel=2)
                 continue
-            break
-        assert chosen is not None
-        kind, staged, fusions, quantized_ops, result = chosen
+            if optimize != "fastest":
+                break
+        timings: dict[str, float] = {}
+        if len(passed) > 1:
+            timings = time_candidates(passed, args, kwargs, providers)
+            passed.sort(key=lambda c: timings[c[0]])
+            notes.append(f"fastest of {len(passed)} verified graphs (median ms at the example "
+                         f"inputs): {timings}")
+        kind, staged, fusions, quantized_ops, result = passed[0]
         stats = onnx_stats(staged)
         _commit(staged.parent, final)
     finally:
@@ -419,6 +437,7 @@ def export_onnx(
         fusions=fusions,
         quantize=quantize,
         quantized_ops=quantized_ops,
+        timings_ms=timings,
         verified_levels=result.optimization_levels if result else [],
         within_tolerance=result.within_tolerance if result else None,
         argmax_agreement=result.argmax_agreement if result else {},

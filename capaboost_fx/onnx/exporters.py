@@ -1,0 +1,208 @@
+"""The other exporter path, for ``export_onnx(optimize="fastest")``: the TorchScript exporter
+(``torch.onnx.export(dynamo=False)``) and onnxruntime's transformer optimizer on its graph.
+
+On BERT-family encoders on CPU the TorchScript exporter's graph, fused by
+``onnxruntime.transformers.optimizer`` (whose attention patterns follow that exporter's graphs
+of eager attention), is as fast as or up to 4 % faster than the dynamo exporter's graph with
+onnxscript's fusions (benchmarks/results/deploy_quiet.json). Which one wins depends on the model
+and the machine, so `export_onnx` measures instead of guessing.
+
+- `eager_module`: the module the TorchScript exporter traces: for a `FoldedModel` without dense
+  adapters, its ``base_model`` (your class, merged weights): the same code the base model runs.
+- `torchscript_export`: trace the tensor leaves of the example call into an ONNX file whose
+  inputs and outputs are those of the dynamo export (same names, same order, same dynamic dims).
+- `ort_transformers`: ``onnxruntime.transformers.optimizer.optimize_model`` with the model
+  type, heads and hidden size read from a Hugging Face config (None when it has none the
+  optimizer knows).
+- `torchscript_candidates` / `time_candidates`: the staged files `export_onnx` verifies, and
+  their side-by-side latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from capaboost_fx.errors import ExportError
+from capaboost_fx.onnx.runtime import open_session
+from capaboost_fx.onnx.shapes import eval_mode, flat_outputs, flat_tensors
+from capaboost_fx.onnx.stats import onnx_stats
+from capaboost_fx.onnx.timing import measure_latency
+
+__all__ = ["eager_module", "ort_transformers", "time_candidates", "torchscript_candidates",
+           "torchscript_export"]
+
+
+def eager_module(module: nn.Module) -> nn.Module | None:
+    """What the TorchScript exporter should trace for `module`, or None when nothing fits (a
+    folded module that keeps dense adapters, an exported program)."""
+    if type(module).__name__ == "FoldedModel":
+        if getattr(module, "capaboost_dense", None) is not None:
+            return None
+        return module.base_model
+    if isinstance(module, torch.fx.GraphModule):  # torch.export(...).module(): ATen already
+        return None
+    return module
+
+
+@contextlib.contextmanager
+def _eager_attention(module: nn.Module) -> Iterator[None]:
+    """Hugging Face models run eager attention while traced (the optimizer's Attention fusion
+    matches that graph); the setting is given back afterwards."""
+    config = getattr(module, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = getattr(module, "set_attn_implementation", None)
+    changed = False
+    if before not in (None, "eager") and callable(switch):
+        try:
+            switch("eager")
+            changed = True
+        except Exception:  # the model has no eager path: trace what it has
+            changed = False
+    try:
+        yield
+    finally:
+        if changed:
+            switch(before)
+
+
+class _Flat(nn.Module):
+    """Positional tensors in, a tuple of tensors out: the call the TorchScript exporter traces."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.module = module
+        leaves, self._spec = pytree.tree_flatten((args, kwargs))
+        self._slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self._leaves = leaves
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = list(self._leaves)
+        for slot, t in zip(self._slots, tensors, strict=True):
+            leaves[slot] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self._spec)
+        return tuple(flat_outputs(self.module(*args, **kwargs)))
+
+
+def torchscript_export(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], path: Path,
+                       input_names: list[str], output_names: list[str],
+                       dynamic: Mapping[str, Mapping[int, str]], opset: int | None) -> None:
+    """Write `path` with the TorchScript exporter. `dynamic`: ``{input name: {dim: name}}``
+    as in the dynamo export, so both files take the same feeds."""
+    flat = _Flat(module, tuple(args), dict(kwargs))
+    tensors = tuple(x for x in pytree.tree_leaves((tuple(args), dict(kwargs)))
+                    if isinstance(x, torch.Tensor))
+    axes = {n: dict(d) for n, d in dynamic.items() if d}
+    with _eager_attention(module), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(flat, tensors, os.fspath(path), dynamo=False,
+                              input_names=input_names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=opset or 17)
+        except Exception as e:
+            raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {e}") from e
+
+
+def ort_transformers(src: Path, dst: Path, module: nn.Module) -> dict[str, int] | None:
+    """Fuse `src` with onnxruntime's transformer optimizer into `dst`; None (and no file) when
+    `module` has no Hugging Face config of a model type the optimizer knows."""
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    try:
+        import onnxruntime.transformers as ort_transformers_pkg
+
+        # Its modules import each other as top-level modules from a path entry its __init__
+        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
+        folder = os.path.dirname(ort_transformers_pkg.__file__)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
+    except ImportError:
+        return None
+    if model_type not in MODEL_TYPES:
+        return None
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    # Its fusion modules log under their own top-level names (fusion_embedlayer, ...), at
+    # warning level, for every pattern they skip.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt = optimize_model(os.fspath(src), model_type=model_type, num_heads=heads,
+                                 hidden_size=hidden, opt_level=0)
+        opt.save_model_to_file(os.fspath(dst))
+        stats = opt.get_fused_operator_statistics()
+    except Exception as e:
+        raise ExportError(f"onnxruntime's transformer optimizer failed: {e}") from e
+    finally:
+        logging.disable(previous)
+    return {k: int(v) for k, v in stats.items() if v}
+
+
+DESCRIBE = {"none": "the exporter's unfused graph", "ort": "the fused dynamo graph",
+             "torchscript": "the TorchScript exporter's graph",
+             "torchscript+ort": "the TorchScript graph fused by onnxruntime"}
+
+
+def torchscript_candidates(
+    optimize: str, module: nn.Module, args: tuple, kwargs: dict, plain: Path,
+    names: list[str], opset: int | None, use_external: bool, tmpdir: Path, final: Path,
+    notes: list[str],
+) -> list[tuple[str, Path, dict[str, int]]]:
+    """The TorchScript exporter's graph (and onnxruntime's transformer optimizer on it), with
+    the dynamo graph's inputs, outputs and dynamic dims; [] with a note when it cannot be made."""
+    eager = eager_module(module)
+    why = ("the module has no eager form to trace (dense adapters, or an exported program)"
+           if eager is None else
+           "weights over the external-data threshold (the TorchScript path is for small "
+           "models)" if use_external else None)
+    if why:
+        notes.append(f"TorchScript exporter skipped: {why}")
+        return []
+    stats = onnx_stats(plain)
+    dynamic = {i["name"]: {d: v for d, v in enumerate(i["shape"]) if isinstance(v, str)}
+               for i in stats.inputs}
+    (tmpdir / "ts").mkdir()
+    ts = tmpdir / "ts" / final.name
+    try:
+        with eval_mode(eager):
+            torchscript_export(eager, args, kwargs, ts, list(dynamic), names, dynamic, opset)
+    except ExportError as e:
+        notes.append(f"TorchScript exporter skipped: {e}")
+        return []
+    out = [("torchscript", ts, {})]
+    if optimize != "torchscript":
+        (tmpdir / "ts_ort").mkdir()
+        fused_path = tmpdir / "ts_ort" / final.name
+        try:
+            fused = ort_transformers(ts, fused_path, eager)
+        except ExportError as e:
+            fused, _ = None, notes.append(f"onnxruntime transformer optimizer skipped: {e}")
+        if fused is not None:
+            out.insert(0, ("torchscript+ort", fused_path, fused))
+    return out
+
+
+def time_candidates(passed: list[tuple], args: tuple, kwargs: dict,
+                     providers: Any) -> dict[str, float]:
+    """Median latency (ms) of each verified graph at the example inputs, side by side."""
+    feeds_list = flat_tensors(args, kwargs)
+    sessions = {}
+    for kind, staged, *_ in passed:
+        session = open_session(staged, providers=providers)
+        sessions[kind] = session
+    feeds = {k: dict(zip(s.input_names, feeds_list, strict=True)) for k, s in sessions.items()}
+    stats = measure_latency(sessions, feeds, runs=15, warmup=2)
+    return {k: round(v.median_ms, 3) for k, v in stats.items()}
