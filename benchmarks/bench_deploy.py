@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, quiet, table, write_json  # noqa: E402
+from common import loadavg, machine, quiet, table, write_json  # noqa: E402
 
 import capaboost_fx as cbx  # noqa: E402
 from capaboost_fx.onnx import (  # noqa: E402
@@ -154,7 +154,8 @@ def ort_transformers(src: str, dst: str, model: nn.Module) -> dict[str, int]:
 
 def export_all(name: str, base: nn.Module, example: dict[str, torch.Tensor],
                workdir: str, log, eager_dynamo: bool = False,
-               serving: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
+               serving: dict[str, torch.Tensor] | None = None,
+               session_options: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, Any], dict[str, nn.Module]]:
     deploy, eager_folded = folded_model(base, example)
     torch_models = {"base": base, "folded": eager_folded}
     dynamo_models = {"base": base, "folded": eager_folded if eager_dynamo else deploy}
@@ -172,7 +173,8 @@ def export_all(name: str, base: nn.Module, example: dict[str, torch.Tensor],
             q = export_onnx(dynamo_models[which], p("int8"), example_kwargs=example,
                             quantize="int8")
             best = export_onnx(dynamo_models[which], p("fastest"),
-                               example_kwargs=serving or example, optimize="fastest")
+                               example_kwargs=serving or example, optimize="fastest",
+                               timing_session=session_options)
         info[f"{which}/dynamo"] = {"max_abs_diff": plain.max_abs_diff}
         info[f"{which}/dynamo+fusions"] = {"max_abs_diff": fused.max_abs_diff,
                                            "fusions": fused.fusions, "optimize": fused.optimize}
@@ -196,18 +198,15 @@ def run_model(name: str, args: argparse.Namespace, log) -> dict[str, Any]:
     base, description = MODELS[name]()
     example = inputs(base, 2, 16, seed=0)
     feeds = inputs(base, args.batch, args.seq, seed=1)
+    options = dict(providers="cpu", intra_op_num_threads=args.threads, inter_op_num_threads=1,
+                   sequential=True, session_config={"session.intra_op.allow_spinning": "0"})
     with tempfile.TemporaryDirectory() as workdir:
         paths, info, torch_models = export_all(name, base, example, workdir, log,
                                                eager_dynamo=args.folded_from == "eager",
-                                               serving=feeds)
+                                               serving=feeds, session_options=options)
         with torch.no_grad():
             want = {w: m(**feeds)[0].numpy() for w, m in torch_models.items()}
-        sessions = {
-            key: open_session(path, providers="cpu", intra_op_num_threads=args.threads,
-                              inter_op_num_threads=1, sequential=True,
-                              session_config={"session.intra_op.allow_spinning": "0"})
-            for key, path in paths.items()
-        }
+        sessions = {key: open_session(path, **options) for key, path in paths.items()}
         for key, sess in sessions.items():
             got = sess.run({"input_ids": feeds["input_ids"],
                             "attention_mask": feeds["attention_mask"]})
@@ -257,7 +256,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                           "max |Δ| vs PyTorch"], rows))
         chose = {w: res["rows"][f"{w}/fastest"]["chose"] for w in ("base", "folded")}
         out.append(f"`optimize=\"fastest\"` chose {chose['base']} (base) and {chose['folded']} "
-                   "(folded), timing its candidates at the benchmark's batch.")
+                   "(folded), timing its candidates at the benchmark's batch and session settings.")
         out.append(f"ref = the fastest float32 base export: {res['fastest_base']} "
                    f"({res['rows'][res['fastest_base']]['median_ms']:.1f} ms). int8 argmax "
                    "agreement is not defined for hidden states; max |Δ| is of last_hidden_state.")
@@ -300,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     }, "models": {}}
     for name in models:
         results["models"][name] = run_model(name, args, log)
-    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
-        results["machine"]["loadavg_at_end"] = f.read().split()[:3]
+    results["machine"]["loadavg_at_end"] = loadavg()
     results["seconds"] = round(time.perf_counter() - t0, 1)
     text = report(results, args)
     print(text)

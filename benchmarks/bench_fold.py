@@ -60,12 +60,13 @@ def _one_size(st: Settings, size: Size, profile: bool, log=print) -> dict[str, A
     randomize_B(tm, 1)
     deltas = list(cbx.delta_weights(tm).values())
 
-    def fold() -> float:
+    def timed(fn) -> float:  # seconds of one call; its result is dropped inside the timing
         t = time.perf_counter()
-        folded = cbx.fold(tm)
-        s = time.perf_counter() - t
-        del folded
-        return s
+        fn()
+        return time.perf_counter() - t
+
+    def fold() -> float:
+        return timed(lambda: cbx.fold(tm))
 
     def fold_1thread() -> float:
         threads = torch.get_num_threads()
@@ -76,22 +77,13 @@ def _one_size(st: Settings, size: Size, profile: bool, log=print) -> dict[str, A
             torch.set_num_threads(threads)
 
     def deepcopy() -> float:
-        t = time.perf_counter()
-        c = copy.deepcopy(model)
-        s = time.perf_counter() - t
-        del c
-        return s
+        return timed(lambda: copy.deepcopy(model))
 
     def merge() -> float:
-        t = time.perf_counter()
-        merged_weights(tm)
-        return time.perf_counter() - t
+        return timed(lambda: merged_weights(tm))
 
     def finite_check() -> float:  # what merged_weights does per target to refuse NaN/Inf
-        t = time.perf_counter()
-        for d in deltas:
-            bool(torch.isfinite(d).all())
-        return time.perf_counter() - t
+        return timed(lambda: [bool(torch.isfinite(d).all()) for d in deltas])
 
     fold()  # first call: imports, code paths
     samples = alternate({"fold": fold, "fold_1thread": fold_1thread, "deepcopy": deepcopy,

@@ -532,12 +532,17 @@ def machine() -> dict[str, Any]:
                 info[f"lscpu {key.strip()}"] = value
     except Exception:  # pragma: no cover
         pass
+    info["loadavg_at_start"] = loadavg()
+    return info
+
+
+def loadavg() -> list[str] | None:
+    """The 1, 5 and 15 minute load averages (Linux), None elsewhere."""
     try:
         with open("/proc/loadavg") as f:
-            info["loadavg_at_start"] = f.read().split()[:3]
+            return f.read().split()[:3]
     except OSError:  # pragma: no cover
-        pass
-    return info
+        return None
 
 
 class Contention:
@@ -567,11 +572,7 @@ class Contention:
         if busy is not None and self.busy0 is not None and wall > 0:
             others = max(0.0, (busy - self.busy0) - own)
             out["others_cpu_share"] = round(others / (wall * (os.cpu_count() or 1)), 3)
-        try:
-            with open("/proc/loadavg") as f:
-                out["loadavg_at_end"] = f.read().split()[:3]
-        except OSError:  # pragma: no cover
-            pass
+        out["loadavg_at_end"] = loadavg()
         return out
 
 

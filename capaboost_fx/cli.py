@@ -6,7 +6,8 @@ Commands:
   ``package.module:factory`` or ``path/to/file.py:factory`` (a callable returning
   ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; a dict as second
   item is taken as keyword inputs), or a Hugging Face model directory (loaded offline, fed
-  random token ids or pixels). ``--optimize ort|none`` (default ort: onnxruntime fusions),
+  random token ids or pixels). ``--optimize ort|none|fastest|torchscript|torchscript+ort`` (default ort: onnxruntime
+  fusions; fastest: every exporter path verified and timed, the fastest written),
   ``--quantize int8`` (dynamic int8).
 - ``compare BASE FOLDED``: node counts, operators, initializers, size and onnxruntime latency of
   two ONNX files as a Markdown table; ``--json`` writes the full report.
@@ -144,10 +145,12 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     p.add_argument(
         "--optimize",
-        choices=("ort", "none"),
+        choices=("ort", "none", "fastest", "torchscript", "torchscript+ort"),
         default="ort",
         help="ort (default): onnxruntime's transformer fusions (Attention, SkipLayerNormalization, "
-        "BiasGelu, ...); none: the exporter's plain graph",
+        "BiasGelu, ...); none: the exporter's plain graph; fastest: make the dynamo and "
+        "TorchScript exporters' graphs (plain and fused), verify and time each at the example "
+        "batch, write the fastest; torchscript / torchscript+ort: pin one of those",
     )
     p.add_argument(
         "--quantize",

@@ -280,6 +280,7 @@ def export_onnx(
     providers: str | Sequence[str] = "auto",
     optimize: str | bool = "ort",
     quantize: str | None = None,
+    timing_session: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export `module` to an ONNX file at `path`, optimized, checked and verified before it lands.
 
@@ -315,6 +316,9 @@ def export_onnx(
             and writes the fastest; ``report.optimize`` says which won, ``report.timings_ms``
             has each median. "torchscript" / "torchscript+ort" pin one of those (e.g. to
             compare a base and a folded export of the same kind with `compare_onnx`).
+        timing_session: `open_session` keywords for timing the "fastest" candidates, e.g.
+            ``{"intra_op_num_threads": 2, "sequential": True}``: the winner depends on the
+            session's threads and spinning, so time them as you will serve.
         quantize: "int8" writes a dynamically quantized model (`quantize_int8`); verification
             then reports the max difference and argmax agreement instead of demanding `atol`.
 
@@ -403,7 +407,7 @@ def export_onnx(
                 break
         timings: dict[str, float] = {}
         if len(passed) > 1:
-            timings = time_candidates(passed, args, kwargs, providers)
+            timings = time_candidates(passed, args, kwargs, providers, timing_session)
             passed.sort(key=lambda c: timings[c[0]])
             notes.append(f"fastest of {len(passed)} verified graphs (median ms at the example "
                          f"inputs): {timings}")

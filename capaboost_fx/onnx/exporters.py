@@ -195,14 +195,14 @@ def torchscript_candidates(
     return out
 
 
-def time_candidates(passed: list[tuple], args: tuple, kwargs: dict,
-                     providers: Any) -> dict[str, float]:
-    """Median latency (ms) of each verified graph at the example inputs, side by side."""
+def time_candidates(passed: list[tuple], args: tuple, kwargs: dict, providers: Any,
+                    session: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Median latency (ms) of each verified graph at the example inputs, side by side, in
+    sessions opened with `session` (`open_session` keywords: the serving configuration,
+    since which graph wins depends on threads and spinning)."""
     feeds_list = flat_tensors(args, kwargs)
-    sessions = {}
-    for kind, staged, *_ in passed:
-        session = open_session(staged, providers=providers)
-        sessions[kind] = session
+    options = {"providers": providers, **dict(session or {})}
+    sessions = {kind: open_session(staged, **options) for kind, staged, *_ in passed}
     feeds = {k: dict(zip(s.input_names, feeds_list, strict=True)) for k, s in sessions.items()}
-    stats = measure_latency(sessions, feeds, runs=15, warmup=2)
+    stats = measure_latency(sessions, feeds, runs=25, warmup=3)
     return {k: round(v.median_ms, 3) for k, v in stats.items()}
