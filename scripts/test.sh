@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers (the CI machine has two cores; TEST_WORKERS overrides, 0 = none),
+# whole files per worker so that module-scoped fixtures are built once.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

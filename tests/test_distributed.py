@@ -18,6 +18,26 @@ import ddp_train  # noqa: E402
 
 import capaboost_fx as cbx  # noqa: E402
 
+# Gloo can abort a process at interpreter exit even after destroy_process_group (its worker
+# threads still hold work objects: pytorch/pytorch#179291). That abort happens after the outputs
+# are written and says nothing about training; it shows up on a loaded machine. Such a run is
+# repeated once; any other failure fails the test.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(out: Path, engine: str, *extra: str) -> dict:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "ddp_train.py"), "--out", str(out), "--engine", engine,
+           "--batch", "8", "--lr", "0.5", *extra]
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode == 0 or _TEARDOWN_ABORT not in proc.stderr or attempt == 2:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
 
 def _single_process_reference(steps: int, batch: int, lr: float,
                               layers: int = 2) -> dict[str, torch.Tensor]:
@@ -34,15 +54,7 @@ def reference():
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_two_processes_match_one(engine: str, tmp_path: Path, reference) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "examples" / "ddp_train.py"), "--out", str(tmp_path), "--engine", engine,
-         "--steps", "4", "--batch", "8", "--lr", "0.5"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = _torchrun(tmp_path, engine, "--steps", "4")
     summary.pop("peak_forward_param_fraction")
     assert summary == {"world_size": 2, "engine": engine, "masks_equal": True,
                        "init_equal": True, "params_equal": True}
@@ -64,19 +76,9 @@ def test_per_block_fsdp2_with_checkpointing_matches_one_process(tmp_path: Path) 
     """fully_shard on each block then the root, checkpointing on: same training as one
     process on the global batch, and each block's weights are gathered only around it."""
     layers = 12
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    runs = {}
-    for engine in ("fsdp2", "fsdp2-blocks"):
-        out = tmp_path / engine
-        proc = subprocess.run(
-            [str(torchrun), "--standalone", "--nproc_per_node", "2",
-             str(ROOT / "examples" / "ddp_train.py"), "--out", str(out), "--engine", engine,
-             "--steps", "2", "--batch", "8", "--lr", "0.5", "--layers", str(layers),
-             "--checkpoint"],
-            capture_output=True, text=True, timeout=300, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[engine] = json.loads((out / "summary.json").read_text())
+    runs = {engine: _torchrun(tmp_path / engine, engine, "--steps", "2", "--layers",
+                              str(layers), "--checkpoint")
+            for engine in ("fsdp2", "fsdp2-blocks")}
     blocks, root = runs["fsdp2-blocks"], runs["fsdp2"]
     print(f"\nper-rank peak parameter memory in forward, fraction of the unsharded model: "
           f"per-block {blocks['peak_forward_param_fraction']}, root only "
