@@ -315,7 +315,7 @@ def transform(
     captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes, tag="v0_")
     candidates = _all_candidates(twin, captured, spec)
     selection = select(candidates, spec)
-    check(selection, candidates, spec)
+    check(selection, candidates, spec, [n for n, _ in twin.named_modules()])
 
     shell = shared_shell(model)
     device = next((p.device for p in shell.parameters()), torch.device("cpu"))

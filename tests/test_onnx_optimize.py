@@ -162,9 +162,30 @@ def test_fastest_without_an_eager_form_says_why(tmp_path):
     x = torch.randn(4, 8)
     tm = cbx.transform(mlp, cbx.Spec(targets=["0"], method="padapter", activation="relu",
                                      rank=2), example_inputs=(x,))
-    rep = export_onnx(cbx.fold(tm), tmp_path / "m.onnx", example_inputs=(x,), optimize="fastest")
+    deploy = cbx.fold(tm)
+    rep = export_onnx(deploy, tmp_path / "m.onnx", example_inputs=(x,), optimize="fastest")
     assert rep.optimize == "none" and rep.verified
     assert any("TorchScript exporter skipped" in n for n in rep.verify_notes)
+    with pytest.warns(RuntimeWarning, match="optimize='torchscript' could not be made"):
+        pinned = export_onnx(deploy, tmp_path / "p.onnx", example_inputs=(x,),
+                             optimize="torchscript")
+    assert pinned.optimize == "none" and pinned.verified
+
+
+def test_a_base_decoder_exports_without_its_cache_object(tmp_path):
+    """An un-adapted Hugging Face decoder returns a KV cache object by default; the export
+    turns use_cache off (with a note) instead of failing, and the caller's config is kept."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    rep = export_onnx(model, tmp_path / "llama.onnx", example_kwargs={"input_ids": ids},
+                      optimize="none")
+    assert rep.verified and rep.output_names == ["logits"]
+    assert any("use_cache=False" in n for n in rep.verify_notes)
+    assert model.config.use_cache is True
 
 
 def test_int8_export_is_quantized_and_agrees_on_argmax(files):

@@ -202,9 +202,10 @@ def _first(out):
     return first_tensor(out)
 
 
-def test_module_output_and_op_inside_it_compose_in_order(tmp_path) -> None:
-    """An adapter on fc1's output and one on the whole block's output: the block's adapter
-    sees fc1's adapted output flowing through the rest of the block."""
+@pytest.mark.parametrize("inner", ["fc1", "fc2"])  # fc2's output is the block's output
+def test_module_output_and_op_inside_it_compose_in_order(inner, tmp_path) -> None:
+    """An adapter on an op's output and one on the whole block's output: the block's adapter
+    sees the op's adapted output flowing through the rest of the block."""
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -224,19 +225,23 @@ def test_module_output_and_op_inside_it_compose_in_order(tmp_path) -> None:
     torch.manual_seed(0)
     model = Net2().double().eval()
     x = torch.randn(4, 8, dtype=torch.float64)
-    spec = cbx.Spec(targets=["block", "block.fc1"], method="sadapter", rank=2,
+    spec = cbx.Spec(targets=["block", f"block.{inner}"], method="sadapter", rank=2,
                     activation="relu")
     tm = cbx.transform(model, spec, (x,)).eval()
     ad = _nonzero_all(tm)
-    assert set(ad) == {"block", "block.fc1"} and ad["block"].output_of == "block"
+    assert set(ad) == {"block", f"block.{inner}"} and ad["block"].output_of == "block"
 
     def bottleneck(a, y):
         return y + a.scaling * sum(
             torch.relu(y @ (a.A * a.mask_A[i]).double().T + a.bias_down.double())
             @ (a.B * a.mask_B[i]).double().T + a.bias_up.double() for i in range(a.num_masks))
     with torch.no_grad():
-        h = bottleneck(ad["block.fc1"], model.block.fc1(x))
-        want = model.head(bottleneck(ad["block"], model.block.fc2(torch.tanh(h))) + x)
+        a = ad[f"block.{inner}"]
+        h = model.block.fc1(x)
+        h = bottleneck(a, h) if inner == "fc1" else h
+        y = model.block.fc2(torch.tanh(h))
+        y = bottleneck(a, y) if inner == "fc2" else y
+        want = model.head(bottleneck(ad["block"], y) + x)
         torch.testing.assert_close(tm(x), want, rtol=1e-10, atol=1e-10)
         deploy = cbx.fold(tm)
         torch.testing.assert_close(deploy(x), want, rtol=1e-10, atol=1e-10)
@@ -270,3 +275,23 @@ def test_module_targets_need_sadapter_and_a_single_output() -> None:
         cbx.transform(Net3(), cbx.Spec(targets=["pair"]), (x,))
     with pytest.raises(cbx.TargetError, match="2 tensors"):
         cbx.transform(Net3(), cbx.Spec(targets=["pair"], method="sadapter"), (x,))
+
+    class Twice(nn.Module):  # blk(blk(x)): one tensor leaves, but from the second call
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.blk(self.blk(x)))
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Twice()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(cbx.TargetError, match="called 2 times"):
+        cbx.transform(Holder(), cbx.Spec(targets=["inner.blk"], method="sadapter"), (x,))

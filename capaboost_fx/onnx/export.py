@@ -43,7 +43,13 @@ from capaboost_fx.onnx.optimize import (
     quiet_loggers,
 )
 from capaboost_fx.onnx.runtime import open_session
-from capaboost_fx.onnx.shapes import as_args, axis_names, choose_dynamic_shapes, eval_mode
+from capaboost_fx.onnx.shapes import (
+    as_args,
+    axis_names,
+    choose_dynamic_shapes,
+    eval_mode,
+    without_cache,
+)
 from capaboost_fx.onnx.shapes import output_names as default_output_names
 from capaboost_fx.onnx.stats import external_locations, load_proto, onnx_stats
 from capaboost_fx.onnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyResult, verify_onnx
@@ -344,6 +350,10 @@ def export_onnx(
                 raise InputError(
                     f"{type(module).__name__} does not run on the example inputs: {e}"
                 ) from e
+            if without_cache(module, kwargs, reference):  # a decoder's KV cache object
+                notes.append("use_cache=False: a Hugging Face cache object is no ONNX output "
+                             "(decoders with a KV cache: capaboost_fx.onnx.genai)")
+                reference = module(*args, **kwargs)
             if hasattr(module, "expose_signature_for"):  # capaboost_fx modules: this call's
                 module.expose_signature_for(args, kwargs)  # argument structure
         names = list(output_names) if output_names is not None else default_output_names(reference)
@@ -412,6 +422,11 @@ def export_onnx(
             notes.append(f"fastest of {len(passed)} verified graphs (median ms at the example "
                          f"inputs): {timings}")
         kind, staged, fusions, quantized_ops, result = passed[0]
+        if optimize not in ("fastest", kind) and not (optimize == "ort" and kind == "none"):
+            notes.append(f"optimize={optimize!r} could not be made; wrote {DESCRIBE[kind]} "
+                         f"({kind!r})")
+            warnings.warn(f"{final}: {notes[-1]}; see report.verify_notes", RuntimeWarning,
+                          stacklevel=2)
         stats = onnx_stats(staged)
         _commit(staged.parent, final)
     finally:

@@ -77,6 +77,28 @@ def _eager_attention(module: nn.Module) -> Iterator[None]:
             switch(before)
 
 
+@contextlib.contextmanager
+def _no_native_stdout() -> Iterator[None]:
+    """Silence file descriptor 1 while the TorchScript exporter runs: torch 2.13's
+    ``setup_onnx_logging`` tests a function object for truth, so its ONNX log is always on,
+    and on a failure it writes the whole TorchScript IR to stdout from C++."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (some embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 class _Flat(nn.Module):
     """Positional tensors in, a tuple of tensors out: the call the TorchScript exporter traces."""
 
@@ -104,14 +126,17 @@ def torchscript_export(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]
     tensors = tuple(x for x in pytree.tree_leaves((tuple(args), dict(kwargs)))
                     if isinstance(x, torch.Tensor))
     axes = {n: dict(d) for n, d in dynamic.items() if d}
-    with _eager_attention(module), warnings.catch_warnings(), torch.no_grad():
+    with _eager_attention(module), warnings.catch_warnings(), torch.no_grad(), \
+            _no_native_stdout():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(flat, tensors, os.fspath(path), dynamo=False,
                               input_names=input_names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset or 17)
-        except Exception as e:
-            raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # its message can hold the whole TorchScript IR: first line
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {first}") \
+                from e
 
 
 def ort_transformers(src: Path, dst: Path, module: nn.Module) -> dict[str, int] | None:
@@ -188,10 +213,13 @@ def torchscript_candidates(
         fused_path = tmpdir / "ts_ort" / final.name
         try:
             fused = ort_transformers(ts, fused_path, eager)
+            if fused is None:
+                notes.append("onnxruntime's transformer optimizer skipped: it knows no model "
+                             f"type {getattr(getattr(eager, 'config', None), 'model_type', None)!r}")
+            else:
+                out.insert(0, ("torchscript+ort", fused_path, fused))
         except ExportError as e:
-            fused, _ = None, notes.append(f"onnxruntime transformer optimizer skipped: {e}")
-        if fused is not None:
-            out.insert(0, ("torchscript+ort", fused_path, fused))
+            notes.append(f"onnxruntime's transformer optimizer skipped: {e}")
     return out
 
 

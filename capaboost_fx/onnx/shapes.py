@@ -175,6 +175,20 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def without_cache(module: nn.Module, kwargs: dict, output: Any) -> bool:
+    """Set ``use_cache=False`` in `kwargs` (and return True) when `output` holds a Hugging Face
+    ``Cache`` object, which no ONNX graph can return, and the user did not set it."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return False
+    leaves = pytree.tree_leaves(output)
+    if "use_cache" in kwargs or not any(isinstance(x, Cache) for x in leaves):
+        return False
+    kwargs["use_cache"] = False
+    return True
+
+
 def resize(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
     # Cyclic reuse of the example's own values keeps token ids, masks and types in range.
     for dim, new in sizes.items():

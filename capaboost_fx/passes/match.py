@@ -265,6 +265,12 @@ def module_output(graph: fx.Graph, module: str) -> tuple[Site | None, str | None
               if n.op in ("call_function", "call_module") and in_module(n, module)]
     if not region:
         return None, "it runs no op in this graph (an identity, or dropout in eval)"
+    # torch.export keys each call of a module apart ("...blk", "...blk@1"): one call only.
+    calls = {key for n in region for key, (path, _) in n.meta["nn_module_stack"].items()
+             if path == module}
+    if len(calls) > 1:
+        return None, (f"it is called {len(calls)} times per forward; a sequential adapter "
+                      "follows a module called once")
     members = frozenset(region)
     outs = [n for n in region if isinstance(n.meta.get("val"), torch.Tensor)
             and any(u not in members for u in n.users)]
@@ -390,9 +396,13 @@ def _settings_problem(spec: Spec, c: Candidate) -> str | None:
     return None
 
 
-def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) -> None:
-    """Raise when the spec asks for something that cannot be done, saying what to change."""
+def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec,
+          modules: list[str] = ()) -> None:
+    """Raise when the spec asks for something that cannot be done, saying what to change.
+    `modules`: the model's module names, offered as close names to a ``sadapter`` spec."""
     all_names = [n for c in candidates.values() for n in _names(c)]
+    if spec.method == "sadapter":
+        all_names += [m for m in modules if m and m not in all_names]
     if not candidates:
         raise TargetNotFoundError(
             "the captured graph has no linear op whose weight is a parameter of the model "
@@ -417,8 +427,10 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec) ->
             reasons = {h: selection.skipped[h].message for h in hits[:3]}
             kind = TargetNotFoundError if all(
                 selection.skipped[h].kind == "excluded" for h in hits) else TargetError
+            what = ("module(s)" if all(candidates[h].kind == "module" for h in hits)
+                    else "linear op(s)")
             raise kind(
-                f"Spec.targets entry {p!r} matched {len(hits)} linear op(s) but none can be "
+                f"Spec.targets entry {p!r} matched {len(hits)} {what} but none can be "
                 f"adapted: {reasons}. Change targets/exclude (or rank) so that it keeps one."
             )
     exact = [p for p in spec.targets

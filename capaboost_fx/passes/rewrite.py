@@ -50,8 +50,10 @@ def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str,
                 out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
             y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out, delta=delta,
                                     inner=site.region: user not in (out, delta, *inner))
-            for n in (delta, out):
+            for n in (delta, out):  # y's place and shape: the update has y's shape
                 n.meta["nn_module_stack"] = dict(y.meta.get("nn_module_stack") or {})
+                if "val" in y.meta:
+                    n.meta["val"] = y.meta["val"]
             delta.meta[META] = {"target": name, "role": "delta"}
             out.meta[META] = {"target": name, "role": "add"}
             changed.append(name)
