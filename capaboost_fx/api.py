@@ -230,7 +230,7 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
     variant.flat[mode] = copy_graph(graph, variant.in_spec, variant.out_spec)
     plan = tm.capture_info["blocks"]
     split = split_blocks(graph, plan, variant.key)
-    blocks = tm.blocks()
+    blocks = tm.planned_blocks()
     for b, g in split.blocks.items():
         blocks[b].add_graph(variant.key, mode, g)
     refused_explicit = {b: w for b, w in split.refused.items()

@@ -337,7 +337,13 @@ class CapaBoostModel(GraphProgram):
         return {m.name: m for m in self.modules() if isinstance(m, CapaBoostAdapter)}
 
     def blocks(self) -> dict[str, BlockProgram]:
-        """``{name: block}``: the modules to give ``fully_shard`` or checkpointing, in order."""
+        """``{name: block}``: the modules to give ``fully_shard`` or checkpointing, in order.
+        A planned block the split refused (``capture_info["refused_blocks"]`` says why) runs
+        inside the root graph and is not listed: sharding it alone would never gather it."""
+        return {n: b for n, b in self.planned_blocks().items() if b._fns}
+
+    def planned_blocks(self) -> dict[str, BlockProgram]:
+        """Every module made a `BlockProgram` at transform, graphs or not (for the passes)."""
         return {m.block_name: m for m in self.base_model.modules() if isinstance(m, BlockProgram)}
 
     def extra_repr(self) -> str:

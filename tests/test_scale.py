@@ -286,3 +286,32 @@ def test_deploy_base_model_is_the_users_class_and_generates() -> None:
         out = deploy.base_model.generate(ids, attention_mask=torch.ones_like(ids),
                                          max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 11)
+
+
+def test_a_block_called_twice_is_refused_named_and_kept_flat_when_automatic() -> None:
+    """blk(blk(x)) is one contiguous run of ops but two calls: named as a block it is an
+    error; found automatically it stays in the root graph (with the reason), still exact."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                [torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(2)])
+            self.head = torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = self.layers[0](self.layers[0](x))
+            return self.head(self.layers[1](x))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(3, 6)
+    spec = cbx.Spec(targets=["layers.*.0"], rank=2)
+    with pytest.raises(cbx.CaptureError, match="called 2 times"):
+        cbx.transform(model, spec, (x,), blocks=["layers.0"])
+    tm = cbx.transform(model, spec, (x,))
+    assert list(tm.blocks()) == ["layers.1"]
+    assert "called 2 times" in tm.capture_info["refused_blocks"]["layers.0"]
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+        torch.testing.assert_close(cbx.fold(tm)(x), tm.eval()(x))
+        assert (tm(x) - model(x)).abs().max() > 1e-3

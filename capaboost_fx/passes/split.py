@@ -44,6 +44,11 @@ def _region(graph: fx.Graph, block: str) -> tuple[list[fx.Node], str | None]:
            and _in_block(n, block)]
     if not idx:
         return [], "the block runs no op in this graph"
+    calls = {key for i in idx for key, (path, _) in nodes[i].meta["nn_module_stack"].items()
+             if path == block}  # torch.export keys each call apart ("blk", "blk@1")
+    if len(calls) > 1:
+        return [], (f"it is called {len(calls)} times per forward; a block is a module called "
+                    "once (FSDP2 gathers its weights around one call)")
     run = nodes[idx[0]: idx[-1] + 1]
     outside = [n for n in run if n.op not in ("get_attr",) and not _in_block(n, block)]
     if outside:
