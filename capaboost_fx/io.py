@@ -176,8 +176,8 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
             tensors[f"adapter.{name}.{attr}"] = getattr(a, attr).detach().cpu().contiguous()
         tensors[f"adapter.{name}.mask_A"] = _pack(a.mask_A)
         tensors[f"adapter.{name}.mask_B"] = _pack(a.mask_B)
-        targets[name] = {"weight": a.weight_fqn, "weight_shape": shape,
-                         "output_of": a.output_of, "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
+        targets[name] = {"weight": a.weight_fqn, "weight_shape": shape, "output_of": a.output_of,
+                         "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
                          "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
     # spec.trainable parameters: those still trainable besides the adapters' own A and B
     # (which may live inside the base module tree).
@@ -187,7 +187,8 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
         tensors[f"trainable.{n}"] = base.get_parameter(n).detach().cpu().contiguous()
     base_weights = {}
     for name, info in targets.items():
-        if info["weight"] and info["weight"] not in trainable:  # a trained weight is saved whole, not compared
+        # No weight (after a module's output), or a trained one saved whole: nothing to compare.
+        if info["weight"] and info["weight"] not in trainable:
             digests = weight_digests(base.get_parameter(info["weight"]))
             if digests is not None:
                 base_weights[name] = digests

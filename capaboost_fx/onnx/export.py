@@ -350,7 +350,7 @@ def export_onnx(
                 raise InputError(
                     f"{type(module).__name__} does not run on the example inputs: {e}"
                 ) from e
-            if without_cache(module, kwargs, reference):  # a decoder's KV cache object
+            if without_cache(kwargs, reference):  # a decoder's KV cache object
                 notes.append("use_cache=False: a Hugging Face cache object is no ONNX output "
                              "(decoders with a KV cache: capaboost_fx.onnx.genai)")
                 reference = module(*args, **kwargs)

@@ -34,7 +34,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from capaboost_fx.errors import ExportError
+from capaboost_fx.errors import ExportError, MissingDependencyError
+from capaboost_fx.model import FoldedModel
+from capaboost_fx.onnx.optimize import ort_optimizer
 from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import eval_mode, flat_outputs, flat_tensors
 from capaboost_fx.onnx.stats import onnx_stats
@@ -47,7 +49,7 @@ __all__ = ["eager_module", "ort_transformers", "time_candidates", "torchscript_c
 def eager_module(module: nn.Module) -> nn.Module | None:
     """What the TorchScript exporter should trace for `module`, or None when nothing fits (a
     folded module that keeps dense adapters, an exported program)."""
-    if type(module).__name__ == "FoldedModel":
+    if isinstance(module, FoldedModel):
         if getattr(module, "capaboost_dense", None) is not None:
             return None
         return module.base_model
@@ -145,15 +147,8 @@ def ort_transformers(src: Path, dst: Path, module: nn.Module) -> dict[str, int] 
     config = getattr(module, "config", None)
     model_type = getattr(config, "model_type", None)
     try:
-        import onnxruntime.transformers as ort_transformers_pkg
-
-        # Its modules import each other as top-level modules from a path entry its __init__
-        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
-        folder = os.path.dirname(ort_transformers_pkg.__file__)
-        if folder not in sys.path:
-            sys.path.append(folder)
-        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
-    except ImportError:
+        MODEL_TYPES, optimize_model = ort_optimizer()
+    except MissingDependencyError:
         return None
     if model_type not in MODEL_TYPES:
         return None

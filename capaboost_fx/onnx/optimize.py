@@ -137,6 +137,25 @@ def quantize_int8(
     return {op: n for op, n in ops.items() if any(q in op for q in quantized)}
 
 
+def ort_optimizer() -> tuple[dict, Any]:
+    """``(MODEL_TYPES, optimize_model)`` of ``onnxruntime.transformers.optimizer``, or
+    `MissingDependencyError`."""
+    try:
+        import sys
+
+        import onnxruntime.transformers as ort_transformers
+
+        # Its modules import each other as top-level modules from a path entry its __init__
+        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
+        folder = os.path.dirname(ort_transformers.__file__)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(f"onnxruntime.transformers is not available: {e}") from e
+    return MODEL_TYPES, optimize_model
+
+
 def optimize_transformer(
     path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -175,19 +194,7 @@ def optimize_transformer(
         DeprecationWarning,
         stacklevel=2,
     )
-    try:
-        import sys
-
-        import onnxruntime.transformers as ort_transformers
-
-        # Its modules import each other as top-level modules from a path entry its __init__
-        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
-        folder = os.path.dirname(ort_transformers.__file__)
-        if folder not in sys.path:
-            sys.path.append(folder)
-        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError(f"onnxruntime.transformers is not available: {e}") from e
+    MODEL_TYPES, optimize_model = ort_optimizer()
     if model_type not in MODEL_TYPES:
         raise InputError(f"model_type={model_type!r}; onnxruntime knows {sorted(MODEL_TYPES)}")
     path = os.fspath(path)

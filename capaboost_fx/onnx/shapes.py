@@ -175,7 +175,7 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def without_cache(module: nn.Module, kwargs: dict, output: Any) -> bool:
+def without_cache(kwargs: dict, output: Any) -> bool:
     """Set ``use_cache=False`` in `kwargs` (and return True) when `output` holds a Hugging Face
     ``Cache`` object, which no ONNX graph can return, and the user did not set it."""
     try:

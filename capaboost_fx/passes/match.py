@@ -259,15 +259,20 @@ def in_module(node: fx.Node, module: str) -> bool:
     return any(path == module for path, _ in stack.values())
 
 
+def module_calls(nodes: list[fx.Node], module: str) -> set[str]:
+    """The distinct calls of `module` among `nodes`: torch.export keys each call of a module
+    apart in ``nn_module_stack`` ("...blk", "...blk@1")."""
+    return {key for n in nodes for key, (path, _) in (n.meta.get("nn_module_stack") or {}).items()
+            if path == module}
+
+
 def module_output(graph: fx.Graph, module: str) -> tuple[Site | None, str | None]:
     """The site of `module`'s single tensor output in `graph`, or None and why not."""
     region = [n for n in graph.nodes
               if n.op in ("call_function", "call_module") and in_module(n, module)]
     if not region:
         return None, "it runs no op in this graph (an identity, or dropout in eval)"
-    # torch.export keys each call of a module apart ("...blk", "...blk@1"): one call only.
-    calls = {key for n in region for key, (path, _) in n.meta["nn_module_stack"].items()
-             if path == module}
+    calls = module_calls(region, module)
     if len(calls) > 1:
         return None, (f"it is called {len(calls)} times per forward; a sequential adapter "
                       "follows a module called once")

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from .capture import BASE
-from .match import Candidate, adapter_path, module_output  # noqa: F401 (re-export)
+from .match import Candidate, module_output
 
 META = "capaboost"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from .capture import BASE
-from .match import in_module
+from .match import in_module, module_calls
 
 
 @dataclass
@@ -44,8 +44,7 @@ def _region(graph: fx.Graph, block: str) -> tuple[list[fx.Node], str | None]:
            and _in_block(n, block)]
     if not idx:
         return [], "the block runs no op in this graph"
-    calls = {key for i in idx for key, (path, _) in nodes[i].meta["nn_module_stack"].items()
-             if path == block}  # torch.export keys each call apart ("blk", "blk@1")
+    calls = module_calls([nodes[i] for i in idx], block)
     if len(calls) > 1:
         return [], (f"it is called {len(calls)} times per forward; a block is a module called "
                     "once (FSDP2 gathers its weights around one call)")
