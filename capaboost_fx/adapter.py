@@ -116,6 +116,8 @@ class CapaBoostAdapter(nn.Module):
             .to(device)
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # False inside ``train_model.disable_adapter()``: the update is zero (the base model runs)
+        self.enabled = True
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked."""
@@ -131,6 +133,8 @@ class CapaBoostAdapter(nn.Module):
         return self.bias_down.repeat(self.num_masks), self.bias_up * self.num_masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         a_cat, b_cat = self.factors()
         b_down, b_up = self.biases()
         h = self.dropout(x).to(a_cat.dtype)

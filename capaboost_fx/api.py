@@ -15,8 +15,10 @@ from torch import nn
 from .adapter import CapaBoostAdapter
 from .errors import (
     AlreadyTransformedError,
+    CapaBoostWarning,
     CaptureError,
     InputError,
+    SpecError,
     SpecTypeError,
     TargetNotFoundError,
     close_names,
@@ -32,6 +34,7 @@ from .passes.capture import (
     shared_shell,
     to_meta,
 )
+from .passes.eager import attach, find_modules, quantized_weights
 from .passes.match import (
     Candidate,
     check,
@@ -268,6 +271,9 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
     return variant
 
 
+CAPTURE_CHOICES = ("auto", "graph", "eager")
+
+
 def transform(
     model: nn.Module,
     spec: Spec,
@@ -278,6 +284,7 @@ def transform(
     blocks: Any = "auto",
     checkpoint: Any = None,
     modes: tuple[str, ...] = ("train", "eval"),
+    capture: str = "auto",
 ) -> CapaBoostModel:
     """Capture `model` and rewrite the linear ops `spec` names into CapaBoost training form.
 
@@ -294,6 +301,12 @@ def transform(
     ``checkpoint``: activation checkpointing per block: ``True`` (every block) or patterns.
     ``modes``: the modes captured now; ``("train",)`` halves transform time for large
     models and captures eval on the first eval call (not inside ``torch.compile``).
+    ``capture``: ``"graph"`` (torch.export + fx passes), ``"eager"`` (your model runs as it
+    is, each target linear module's adapter added by a forward hook: the same adapters,
+    fold and files; for quantized weights and code torch.export cannot trace), or
+    ``"auto"`` (the default: graph, unless the model holds quantized weights or
+    torch.export fails, which is then said in a `CapaBoostWarning` and in
+    ``capture_info["eager_reason"]``).
     A model whose own checkpointing is on (``gradient_checkpointing_enable()``,
     ``torch.utils.checkpoint`` in its blocks) keeps it without asking.
 
@@ -309,6 +322,82 @@ def transform(
     _check_model(model)
     if not isinstance(spec, Spec):
         raise SpecTypeError(f"spec must be a capaboost_fx.Spec, got {type(spec).__name__}.")
+    if capture not in CAPTURE_CHOICES:
+        raise SpecError(f"capture must be one of {CAPTURE_CHOICES}, got {capture!r}.")
+    reason = None
+    if capture == "eager":
+        reason = "capture='eager' was asked for"
+    elif capture == "auto" and (quantized := quantized_weights(model)):
+        reason = (f"{len(quantized)} weights are stored quantized (e.g. {quantized[0]}: "
+                  f"{type(model.get_parameter(quantized[0])).__name__}), which torch.export's "
+                  "fake-tensor capture cannot represent")
+    if reason is None:
+        try:
+            return _transform_graph(model, spec, example_inputs, example_kwargs,
+                                    dynamic_shapes, blocks, checkpoint, modes)
+        except CaptureError as e:
+            # Eager instead only when the model itself runs on the example: a wrong example
+            # (or a model that fails anyway) keeps the capture error.
+            if capture == "graph" or not _runs_eagerly(model, example_inputs, example_kwargs):
+                raise
+            reason = f"torch.export could not capture the model: {str(e).splitlines()[1].strip()}"
+            warnings.warn(CapaBoostWarning(
+                f"{reason}. capaboost_fx trains it eagerly instead (capture='eager': the same "
+                "adapters on its linear modules, the same fold and files; no per-block "
+                "graphs). Pass capture='graph' to get the error instead."), stacklevel=2)
+    return _transform_eager(model, spec, reason, checkpoint)
+
+
+def _runs_eagerly(model: nn.Module, example_inputs: Any,
+                  example_kwargs: Mapping[str, Any] | None) -> bool:
+    """Whether the model runs on the example as it is (on a storage-sharing shell, in eval
+    mode and without grad, so the caller's model is untouched)."""
+    if any(p.is_meta for p in model.parameters()):
+        return False
+    args, kwargs = _inputs(example_inputs, example_kwargs)
+    shell = shared_shell(model).eval()
+    try:
+        with torch.no_grad():
+            shell(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure means: keep the capture error
+        return False
+    return True
+
+
+def _transform_eager(model: nn.Module, spec: Spec, reason: str, checkpoint: Any
+                     ) -> CapaBoostModel:
+    """The eager path (`capaboost_fx.passes.eager`): no capture, hooks on linear modules."""
+    t0 = time.perf_counter()
+    shell = shared_shell(model)
+    candidates = find_modules(shell)
+    selection = select(candidates, spec)
+    check(selection, candidates, spec, [n for n, _ in shell.named_modules()])
+    device = next((p.device for p in shell.parameters()), torch.device("cpu"))
+    trainable = _freeze(shell, spec.trainable)
+    for name, c in selection.targets.items():
+        attach(shell, name, _make_adapter(name, c, spec, device))
+    names = auto_blocks(shell)
+    info = {
+        "capture": "eager", "eager_reason": reason,
+        "targets": list(selection.targets),
+        "skipped": {n: r.message for n, r in selection.skipped.items()},
+        "trainable": trainable, "blocks": names, "explicit_blocks": [],
+        "checkpointed": [], "refused_blocks": {}, "export_seconds": 0.0,
+    }
+    shell.train(model.training)
+    tm = CapaBoostModel(shell, {}, spec, info, None, eager=True)
+    if checkpoint:
+        tm.gradient_checkpointing_enable()
+        info["checkpointed"] = names
+    tm.train(model.training)
+    info["transform_seconds"] = round(time.perf_counter() - t0, 3)
+    return tm
+
+
+def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
+                     example_kwargs: Mapping[str, Any] | None, dynamic_shapes: Any,
+                     blocks: Any, checkpoint: Any, modes: tuple[str, ...]) -> CapaBoostModel:
+    """The graph path: capture -> match -> rewrite -> split (module docstring)."""
     args, kwargs = _inputs(example_inputs, example_kwargs)
     t0 = time.perf_counter()
     twin = meta_twin(model)
@@ -327,6 +416,7 @@ def transform(
     split, ck, explicit = _plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
     _install_blocks(shell, split)
     info = {
+        "capture": "graph",
         "targets": list(selection.targets),
         "skipped": {n: r.message for n, r in selection.skipped.items()},
         "trainable": trainable,

@@ -387,7 +387,7 @@ def _positive_int(text: str) -> int:
 def _write_json(path: str, data: dict[str, Any]) -> None:
     from pathlib import Path
 
-    from capaboost_fx.io import atomic_write
+    from capaboost_fx.adapter_file import atomic_write
 
     try:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .adapter import CapaBoostAdapter
 from .errors import CapaBoostError, InputError, NotTransformedError
+from .model_like import AdapterModelLike, ModelLike
 
 
 def _compile(graph: fx.Graph) -> tuple[Callable[..., Any], str]:
@@ -225,6 +226,9 @@ class GraphProgram(_Unpicklable, nn.Module):
     @property
     def graphs(self) -> dict[str, fx.Graph]:
         """The fx graph of each mode of the first argument structure."""
+        if not self._variants:
+            raise CapaBoostError(f"this {type(self).__name__} runs the model eagerly "
+                                 "(capture='eager'): it holds no graph.")
         return self._variants[0].graphs
 
     @property
@@ -243,7 +247,7 @@ class GraphProgram(_Unpicklable, nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphProgram:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "forward"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("forward", "_generation")}
         new.__dict__.update(copy.deepcopy(state, memo))
         if new._variants:
             new._expose_signature(new._variants[0])
@@ -301,10 +305,15 @@ def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
     return holder
 
 
-class CapaBoostModel(GraphProgram):
+class CapaBoostModel(AdapterModelLike, GraphProgram):
     """The training module `transform` returns. Call it exactly as you call your model
     (any argument structure; a new one is captured once); ``.train()`` / ``.eval()`` behave
-    as on your model.
+    as on your model, and so do its attributes, ``generate`` and ``save_pretrained``
+    (`capaboost_fx.model_like`).
+
+    ``eager``: the model runs as it is, each target module's adapter added by a forward hook
+    (``transform(..., capture="eager")``: models or weights torch.export cannot capture); the
+    same adapters, fold and files as the graph path.
 
     State: ``base_model``, a shell of your model whose frozen parameters and buffers share
     your model's storage (nothing is copied; ``spec.trainable`` parameters are private
@@ -312,16 +321,37 @@ class CapaBoostModel(GraphProgram):
     ``<owner>.capaboost``) and each block a `BlockProgram` (``blocks()``)."""
 
     def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
-                 spec: Any, info: dict[str, Any], twin: nn.Module) -> None:
+                 spec: Any, info: dict[str, Any], twin: nn.Module | None,
+                 eager: bool = False) -> None:
         super().__init__()
         self._init_program()
         self.base_model = base_model
         self.capaboost_constants = constants_module(constants)
         self.spec = spec
         self.capture_info = info
+        self.eager = eager
         object.__setattr__(self, "_twin", twin)  # meta copy of your model: captures run on it
+        self._install_state_hooks()
+        if eager:
+            self._expose_eager_signature()
+
+    def _expose_eager_signature(self) -> None:
+        def forward(self: CapaBoostModel, *args: Any, **kwargs: Any) -> Any:
+            return type(self).forward(self, *args, **kwargs)
+
+        sig = inspect.signature(self.base_model.forward)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *sig.parameters.values()])
+        self.__dict__["forward"] = types.MethodType(forward, self)
+
+    def structure_source(self) -> nn.Module:
+        """Your model's eager structure: the meta twin (graph path) or the shell (eager)."""
+        return self.base_model if self.eager else self._twin
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager:
+            return self.base_model(*args, **kwargs)
         if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
             meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
             if meta:
@@ -340,6 +370,8 @@ class CapaBoostModel(GraphProgram):
         """``{name: block}``: the modules to give ``fully_shard`` or checkpointing, in order.
         A planned block the split refused (``capture_info["refused_blocks"]`` says why) runs
         inside the root graph and is not listed: sharding it alone would never gather it."""
+        if self.eager:  # your model's own layers: fully_shard / checkpoint them as usual
+            return {n: self.base_model.get_submodule(n) for n in self.capture_info["blocks"]}
         return {n: b for n, b in self.planned_blocks().items() if b._fns}
 
     def planned_blocks(self) -> dict[str, BlockProgram]:
@@ -351,7 +383,7 @@ class CapaBoostModel(GraphProgram):
                 f"spec={self.spec}")
 
 
-class FoldedModel(GraphProgram):
+class FoldedModel(ModelLike, GraphProgram):
     """The deploy module `fold` returns: the captured eval graph of your model with merged
     weights and nothing else. ``base_model`` is your model's own class and structure holding
     the merged weights (``deploy.base_model.save_pretrained(...)`` works for Hugging Face
@@ -360,14 +392,20 @@ class FoldedModel(GraphProgram):
     (``method="padapter"``) stay as one dense width-d·r adapter each, in ``capaboost_dense``."""
 
     def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
-                 dense: dict[str, nn.Module] | None = None) -> None:
+                 dense: dict[str, nn.Module] | None = None, eager: bool = False) -> None:
         super().__init__()
         self._init_program()
         self.base_model = base_model
         self.capaboost_constants = constants_module(constants)
+        self.eager = eager  # runs base_model as it is (the fold of an eager training module)
         if dense:
             self.capaboost_dense = nn.ModuleDict(dense)
         self.eval()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager:
+            return self.base_model(*args, **kwargs)
+        return super().forward(*args, **kwargs)
 
     @property
     def graph(self) -> fx.Graph:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import MissingDependencyError, TargetError
-from .io import atomic_write
+from .adapter_file import atomic_write
 from .model import require_training
 from .passes.capture import BASE
 from .passes.fold import adapters

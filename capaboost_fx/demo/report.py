@@ -1,5 +1,5 @@
 """The demo's outputs: ``report.md`` (from the report dict that ``report.json`` holds), the loss
-and ΔW-spectrum plots, all written atomically (`capaboost_fx.io.atomic_write`)."""
+and ΔW-spectrum plots, all written atomically (`capaboost_fx.adapter_file.atomic_write`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from capaboost_fx.io import atomic_write
+from capaboost_fx.adapter_file import atomic_write
 
 from .config import ARM_TITLES, CITATIONS
 

@@ -38,6 +38,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, InputError
+from ..merge import is_quantized
 from .checkpoints import CheckpointRecorder, hf_checkpointed, hf_checkpointing_off
 
 BASE = "base_model"  # attribute that holds the training module's shell of the user's model
@@ -141,7 +142,11 @@ def shared_shell(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for _, t, is_param in _tensors(model):
         if id(t) not in memo:
-            memo[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if is_param else t
+            # A quantized parameter (a tensor subclass with its own state, e.g. bitsandbytes'
+            # Params4bit) is shared as it is: it is frozen already, and a detached alias
+            # would drop its quantization state.
+            memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=False)
+                           if is_param and not is_quantized(t) else t)
     return _no_cache(_deepcopy(model, memo, "training shell"))
 
 

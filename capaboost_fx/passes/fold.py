@@ -9,14 +9,15 @@ deploy graph is the captured graph of the untouched model again, with merged wei
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
+from ..merge import base_weight, foldable, structure_copy
 from ..model import CapaBoostModel, FoldedModel, Variant, require_training
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
 from .match import sites_for
@@ -26,10 +27,6 @@ from .rewrite import adapter_key, rewrite, unrewrite
 def adapters(train_model: CapaBoostModel) -> dict[str, CapaBoostAdapter]:
     """``{target name: adapter}`` of a training module."""
     return require_training(train_model, "adapters()").adapters()
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def delta_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
@@ -42,95 +39,26 @@ def delta_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
         if a.linear:
             out[name] = a.delta_weight(torch.promote_types(a.A.dtype, torch.float32))
         elif foldable(a):
-            w0 = tm.base_model.get_parameter(a.weight_fqn)
-            w = (w0.T if a.layout == "in_out" else w0).to(torch.float32)
+            w = base_weight(tm.base_model, a, torch.float32)
+            w = (w.T if a.layout == "in_out" else w).to(torch.float32)
             out[name] = a.delta_weight(torch.float32).to(w.device) @ w
     return out
 
 
-def foldable(a: CapaBoostAdapter) -> bool:
-    """Folds into the model's own weights: LoRA-like adapters, and sequential adapters with an
-    identity activation after an op that adds a bias (W' = (I+M)W, b' = (I+M)b + c)."""
-    return a.linear or (a.sequential and a.activation == "identity" and a.bias_fqn is not None)
-
-
-@torch.no_grad()
-def _sequential_merge(a: CapaBoostAdapter, w0: torch.Tensor, b0: torch.Tensor,
-                      ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """y' = y + M y + c with y = W x + b:  W' = W + M W,  b' = b + M b + c."""
-    m = a.delta_weight(ct).to(w0.device)
-    b_down, b_up = a.biases()
-    _, b_cat = a.factors()
-    c = (b_cat.to(ct) @ b_down.to(ct) + b_up.to(ct)) * a.scaling
-    w = w0.to(ct).T if a.layout == "in_out" else w0.to(ct)
-    w_new = w + m @ w
-    b_new = b0.to(ct) + m @ b0.to(ct) + c.to(w0.device)
-    return (w_new.T if a.layout == "in_out" else w_new), b_new
-
-
-@torch.no_grad()
 def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
-    """``{weight fqn: W0 + ΔW}`` (and merged biases of sequential adapters) in the original
-    dtypes and storage layout, checked finite."""
+    """``{weight fqn: W0 + ΔW}`` of a training module (see `capaboost_fx.merge`)."""
     tm = require_training(train_model, "fold")
-    base = getattr(tm, BASE)
-    out = {}
-    for name, a in adapters(tm).items():
-        if not foldable(a):
-            continue
-        w0 = base.get_parameter(a.weight_fqn)
-        ct = _compute_dtype(w0)
-        if a.sequential:
-            b0 = base.get_parameter(a.bias_fqn)
-            w_new, b_new = _sequential_merge(a, w0, b0, ct)
-            if not torch.isfinite(w_new.sum() + b_new.sum()):
-                raise FoldError(f"the merged weight of sequential adapter {name!r} is not "
-                                "finite; training diverged: lower the learning rate.")
-            out[a.weight_fqn] = w_new.to(w0.dtype)
-            out[a.bias_fqn] = b_new.to(b0.dtype)
-            continue
-        delta = a.delta_weight(ct)
-        if a.layout == "in_out":
-            delta = delta.T
-        # One reduction first (cheap); the exact count only when it is not finite.
-        if not torch.isfinite(delta.sum()) and (bad := int((~torch.isfinite(delta)).sum())):
-            raise FoldError(
-                f"ΔW of target {name!r} has {bad} NaN/Inf entries; folding would corrupt the "
-                "model. Training diverged: lower the learning rate or use gradient clipping, "
-                "and reload the last good adapter."
-            )
-        out[a.weight_fqn] = (w0.to(ct) + delta.to(w0.device)).to(w0.dtype)
-    return out
+    return merge.merged_weights(getattr(tm, BASE), adapters(tm))
 
 
 def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor]) -> nn.Module:
-    """Your model's own structure (from the meta twin) over the training module's tensors:
-    merged weights for targets, private snapshots of what training changed (``trainable``,
-    batch-norm statistics), aliases of everything else (no copy)."""
+    """Your model's own structure over the training module's tensors: merged weights for
+    targets, private snapshots of what training changed (``trainable``, batch-norm
+    statistics), aliases of everything else (no copy)."""
     base: nn.Module = getattr(tm, BASE)
-    twin: nn.Module = tm._twin
-    memo: dict[int, object] = {}
     own = {id(t) for t in tm.parameters() if t.requires_grad}
     own |= {id(b) for b in base.buffers() if getattr(b, "_capaboost_private", False)}
-    for fqn, t in twin.named_parameters(remove_duplicate=False):
-        if id(t) in memo:
-            continue
-        real = base.get_parameter(fqn)
-        if real.is_meta:
-            raise FoldError(
-                f"{fqn} is still on the meta device: load the model's weights first "
-                "(capaboost_fx.load_base_weights(train_model, checkpoint_dir))."
-            )
-        value = merged.get(fqn)
-        if value is None:
-            value = real.detach().clone() if id(real) in own else real.detach()
-        memo[id(t)] = nn.Parameter(value, requires_grad=False)
-    for fqn, t in twin.named_buffers(remove_duplicate=False):
-        if id(t) in memo:
-            continue
-        real = base.get_buffer(fqn)
-        memo[id(t)] = real.clone() if id(real) in own else real
-    return restore_cache_flags(copy.deepcopy(twin, memo))
+    return restore_cache_flags(structure_copy(tm.structure_source(), base, merged, own))
 
 
 def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
@@ -193,6 +121,8 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         >>> deploy(input_ids).logits                          # doctest: +SKIP
     """
     tm = require_training(train_model, "fold()")
+    if tm.eager:
+        return _fold_eager(tm)
     if example_inputs or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         tm.variant_for(args, dict(example_kwargs or {}), "eval")
@@ -221,3 +151,16 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
                        frozenset(n for n, a in adapters(tm).items() if a.sequential))
     fm._build = _build_folded
     return fm
+
+
+def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
+    """Fold of a training module that runs your model eagerly (``capture="eager"``): your
+    model's structure with merged weights, run as it is; quantized targets become dense."""
+    nonlinear = [n for n, a in adapters(tm).items() if not foldable(a)]
+    if nonlinear:
+        raise FoldError(
+            f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
+            "(nonlinear, or sequential after an op without bias); in eager mode fold needs "
+            "adapters that merge into the weights."
+        )
+    return FoldedModel(_fold_shell(tm, merged_weights(tm)), {}, eager=True)

@@ -1,0 +1,241 @@
+"""Merge: the adapted weights ``W0 + ΔW`` and the eager modules that hold them.
+
+    W = W0 + s · B_cat A_cat                       (LoRA-like adapters)
+    W = W0 + M W0,  b = b0 + M b0 + c              (sequential adapters after a biased op)
+
+computed in float32 (float64 for float64 weights) and rounded once to W0's dtype. A quantized
+W0 (a tensor subclass such as torchao's NF4 or int8 weights, or a module such as bitsandbytes'
+``Linear4bit`` whose weight is packed) is first turned into the dense weight the module
+applies (`dense_weight`), and the merged result is dense.
+
+`structure_copy` builds your model's eager structure over given tensors without copying the
+rest: `fold` uses it for the deploy module, ``generate`` for a generation view whose targets
+hold merged weights (cached until the adapters change), ``disable_adapter`` for a view of the
+base model. This module sits below `model` so that the training module can use it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import CapaBoostAdapter
+from .errors import FoldError
+
+ADAPTER_HOOK_ATTR = "_capaboost_adapter_hook"
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def is_quantized(t: Any) -> bool:
+    """A weight stored in a form other than a dense float tensor (a tensor subclass that is
+    neither ``nn.Parameter`` nor a distributed ``DTensor``, or a packed integer weight)."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    cls = type(t)
+    if cls in (torch.Tensor, nn.Parameter) or cls.__name__ in ("DTensor", "FakeTensor",
+                                                               "FunctionalTensor"):
+        return False
+    if isinstance(t, nn.Parameter) and t.is_floating_point():
+        # nn.Parameter subclasses over a plain float tensor are dense unless they carry
+        # quantization state (bitsandbytes keeps it beside the data)
+        return getattr(t, "quant_state", None) is not None or getattr(t, "SCB", None) is not None
+    return True
+
+
+@torch.no_grad()
+def dense_weight(module: nn.Module | None, weight: torch.Tensor, layout: str = "out_in",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight (in `weight`'s storage layout) that `module` applies.
+
+    Plain tensors are returned as they are. Quantized tensors dequantize themselves
+    (``dequantize()``, torchao's ``get_original_weight()``); anything else (bitsandbytes'
+    packed ``Params4bit``/``Int8Params``) is read off the module itself, by applying it to the
+    identity: ``W x = module(x) - module(0)``, so no library is special-cased."""
+    if not is_quantized(weight):
+        return weight
+    for method in ("get_original_weight", "dequantize"):
+        fn = getattr(weight, method, None)
+        if callable(fn):
+            try:
+                out = fn()
+            except Exception:  # noqa: BLE001 - try the next recipe, the probe always works
+                continue
+            if isinstance(out, torch.Tensor) and not is_quantized(out):
+                return out.to(dtype)
+    if module is None:
+        raise FoldError(f"cannot read the dense values of a {type(weight).__name__} weight "
+                        "without its module.")
+    in_features = getattr(module, "in_features", None)
+    if not isinstance(in_features, int):
+        raise FoldError(f"cannot read the dense weight of {type(module).__name__}: it has no "
+                        "in_features.")
+    device = next((b.device for b in module.buffers()), None) or weight.device
+    probe_dtype = getattr(module, "compute_dtype", None) or dtype
+    eye = torch.eye(in_features, dtype=probe_dtype, device=device)
+    zero = torch.zeros(1, in_features, dtype=probe_dtype, device=device)
+    w_t = (module(eye).to(dtype) - module(zero).to(dtype))  # in × out
+    return w_t.T.contiguous() if layout == "out_in" else w_t.contiguous()
+
+
+def foldable(a: CapaBoostAdapter) -> bool:
+    """Folds into the model's own weights: LoRA-like adapters, and sequential adapters with an
+    identity activation after an op that adds a bias (W' = (I+M)W, b' = (I+M)b + c)."""
+    return a.linear or (a.sequential and a.activation == "identity" and a.bias_fqn is not None)
+
+
+def owner_of(base: nn.Module, fqn: str) -> nn.Module:
+    owner = fqn.rpartition(".")[0]
+    return base.get_submodule(owner) if owner else base
+
+
+def weight_shape(model: nn.Module, fqn: str) -> list[int]:
+    """A weight's logical shape as stored (a packed quantized weight reports its module's
+    out × in, since the packed shape says nothing about the model)."""
+    w = model.get_parameter(fqn)
+    owner = owner_of(model, fqn)
+    if is_quantized(w) and isinstance(getattr(owner, "in_features", None), int):
+        return [owner.out_features, owner.in_features]
+    return list(w.shape)
+
+
+def base_weight(base: nn.Module, a: CapaBoostAdapter, dtype: torch.dtype) -> torch.Tensor:
+    """The adapted weight W0 as a dense tensor in its storage layout."""
+    w0 = base.get_parameter(a.weight_fqn)
+    return dense_weight(owner_of(base, a.weight_fqn), w0, a.layout, dtype)
+
+
+@torch.no_grad()
+def _sequential_merge(a: CapaBoostAdapter, w0: torch.Tensor, b0: torch.Tensor,
+                      ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """y' = y + M y + c with y = W x + b:  W' = W + M W,  b' = b + M b + c."""
+    m = a.delta_weight(ct).to(w0.device)
+    b_down, b_up = a.biases()
+    _, b_cat = a.factors()
+    c = (b_cat.to(ct) @ b_down.to(ct) + b_up.to(ct)) * a.scaling
+    w = w0.to(ct).T if a.layout == "in_out" else w0.to(ct)
+    w_new = w + m @ w
+    b_new = b0.to(ct) + m @ b0.to(ct) + c.to(w0.device)
+    return (w_new.T if a.layout == "in_out" else w_new), b_new
+
+
+def _out_dtype(module: nn.Module, w0: torch.Tensor) -> torch.dtype:
+    """Merged weights keep W0's dtype; a packed (integer) W0 merges into the dtype its module
+    computes in (``compute_dtype``, else its bias's, else float32)."""
+    if w0.is_floating_point():
+        return w0.dtype  # torchao's quantized tensors report their logical dtype
+    bias = getattr(module, "bias", None)
+    return (getattr(module, "compute_dtype", None)
+            or (bias.dtype if isinstance(bias, torch.Tensor) else torch.float32))
+
+
+@torch.no_grad()
+def merged_weights(base: nn.Module, adapters: Mapping[str, CapaBoostAdapter]
+                   ) -> dict[str, torch.Tensor]:
+    """``{weight fqn: W0 + ΔW}`` (and merged biases of sequential adapters) in the original
+    dtypes (dense for quantized weights) and storage layout, checked finite."""
+    out = {}
+    for name, a in adapters.items():
+        if not foldable(a):
+            continue
+        raw = base.get_parameter(a.weight_fqn)
+        ct = compute_dtype(raw)
+        w0 = base_weight(base, a, ct)
+        dtype = _out_dtype(owner_of(base, a.weight_fqn), raw)
+        if a.sequential:
+            b0 = base.get_parameter(a.bias_fqn)
+            w_new, b_new = _sequential_merge(a, w0, b0, ct)
+            if not torch.isfinite(w_new.sum() + b_new.sum()):
+                raise FoldError(f"the merged weight of sequential adapter {name!r} is not "
+                                "finite; training diverged: lower the learning rate.")
+            out[a.weight_fqn] = w_new.to(dtype)
+            out[a.bias_fqn] = b_new.to(b0.dtype)
+            continue
+        delta = a.delta_weight(ct)
+        if a.layout == "in_out":
+            delta = delta.T
+        # One reduction first (cheap); the exact count only when it is not finite.
+        if not torch.isfinite(delta.sum()) and (bad := int((~torch.isfinite(delta)).sum())):
+            raise FoldError(
+                f"ΔW of target {name!r} has {bad} NaN/Inf entries; folding would corrupt the "
+                "model. Training diverged: lower the learning rate or use gradient clipping, "
+                "and reload the last good adapter."
+            )
+        out[a.weight_fqn] = (w0.to(ct) + delta.to(w0.device)).to(dtype)
+    return out
+
+
+def adapter_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of an eager target: ``y + s · B_cat A_cat x`` (parallel) or ``y + ΔM y``
+    (sequential), with the module's own `CapaBoostAdapter` child."""
+    a = module._modules.get("capaboost")
+    if a is None or not a.enabled:
+        return output
+    return output + a(output if a.sequential else args[0])
+
+
+def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A dense ``nn.Linear`` holding `weight` (out × in) and the module's bias: what a
+    quantized linear becomes once merged."""
+    out_f, in_f = weight.shape
+    bias = getattr(module, "bias", None)
+    plain = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+    return plain
+
+
+def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, torch.Tensor],
+                   snapshot: set[int] = frozenset()) -> nn.Module:
+    """Your model's eager structure (`source`: the meta twin, or the eager shell itself) over
+    `base`'s tensors: `weights` where given (merged targets), clones of the tensors whose ids
+    are in `snapshot` (what training changes), aliases of everything else (no copy). Adapters
+    and their hooks are left out; a quantized target given a dense weight becomes a plain
+    ``nn.Linear``."""
+    memo: dict[int, object] = {}
+    adapters = [m for m in source.modules() if isinstance(m, CapaBoostAdapter)]
+    for a in adapters:
+        memo[id(a)] = a  # shared, then dropped below: never copied
+    for fqn, t in source.named_parameters(remove_duplicate=False):
+        if id(t) in memo:
+            continue
+        real = base.get_parameter(fqn)
+        if real.is_meta:
+            raise FoldError(
+                f"{fqn} is still on the meta device: load the model's weights first "
+                "(capaboost_fx.load_base_weights(train_model, checkpoint_dir))."
+            )
+        value = weights.get(fqn)
+        if value is None:
+            value = real.detach().clone() if id(real) in snapshot else real
+        if is_quantized(value):
+            memo[id(t)] = value  # a quantized parameter keeps its own class and state
+        else:
+            memo[id(t)] = nn.Parameter(value.detach() if value is real else value,
+                                       requires_grad=False)
+    for fqn, t in source.named_buffers(remove_duplicate=False):
+        if id(t) in memo:
+            continue
+        real = base.get_buffer(fqn)
+        memo[id(t)] = real.clone() if id(real) in snapshot else real
+    out = copy.deepcopy(source, memo)
+    for m in out.modules():
+        for k in [k for k, v in m._modules.items() if isinstance(v, CapaBoostAdapter)]:
+            del m._modules[k]
+        for k in [k for k, h in m._forward_hooks.items() if h is adapter_hook]:
+            del m._forward_hooks[k]
+    for fqn, w in weights.items():
+        owner_name, _, attr = fqn.rpartition(".")
+        owner = out.get_submodule(owner_name) if owner_name else out
+        if attr == "weight" and is_quantized(base.get_parameter(fqn)):
+            parent_name, _, child = owner_name.rpartition(".")
+            parent = out.get_submodule(parent_name) if parent_name else out
+            parent._modules[child] = _plain_linear(owner, w)
+    return out

@@ -1,0 +1,232 @@
+"""The training and deploy modules behave as the model they wrap.
+
+`ModelLike`: attributes and methods the wrapped model has (``config``, ``generation_config``,
+``get_input_embeddings``, ``main_input_name``, ``can_generate``, ...) are reachable on the
+module itself, as on a PEFT ``PeftModel``; ``device`` and ``dtype`` work for any model.
+
+`AdapterModelLike` (the training module) adds what fine-tuning stacks (the HF ``Trainer``,
+TRL) call on a PEFT model:
+
+- ``generate(...)`` runs your model's own ``generate`` (every argument, KV cache) on a
+  *generation view*: your model's eager structure over the training module's tensors, with
+  the targets' merged weights ``W0 + ΔW``. The view is built once and reused until an
+  adapter changes (the optimizer's in-place updates bump the tensors' versions), so many
+  generate calls between optimizer steps (RL rollouts) merge once; it holds no copy of the
+  model besides the merged target weights.
+- ``disable_adapter()``: a context in which the model runs without adapters (the reference
+  model of DPO/GRPO), in forward and in ``generate``.
+- ``state_dict()`` holds only what training changes (adapters and their masks, parameters
+  that require grad, buffers the graph writes): the frozen base is your model's own storage,
+  so Trainer checkpoints are adapter-sized; ``load_state_dict`` accepts such a dict.
+- ``save_pretrained(dir)`` writes the adapter file (`capaboost_fx.load_adapter` reads the
+  directory back), ``print_trainable_parameters()``, ``gradient_checkpointing_enable()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import CapaBoostAdapter
+from .adapter_file import ADAPTER_FILE, write_adapter
+from .errors import CapaBoostError
+from .merge import is_quantized, merged_weights, structure_copy
+
+
+class ModelLike:
+    """Mixin for modules with a ``base_model``: unknown attributes come from the wrapped model."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            if name.startswith("__"):
+                raise
+            base = self.__dict__.get("_modules", {}).get("base_model")
+            if base is None:
+                raise
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object (and the {type(base).__name__} it wraps) has "
+                f"no attribute {name!r}") from None
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.parameters()), torch.device("cpu"))  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The wrapped model's dtype (the adapters' own may be float32 over a bf16 base)."""
+        base = self.__dict__["_modules"]["base_model"]
+        for p in base.parameters():
+            if p.is_floating_point() and not is_quantized(p):
+                return p.dtype
+        return torch.float32
+
+
+class AdapterModelLike(ModelLike):
+    """Mixin of the training module: see the module docstring."""
+
+    # ------------------------------------------------------------------ generation
+
+    def _generation_key(self) -> tuple:
+        adapters = self.adapters()  # type: ignore[attr-defined]
+        key: list[Any] = [self.training]  # type: ignore[attr-defined]
+        for a in adapters.values():
+            key.append(a.enabled)
+            key += [(id(p), p._version, p.device, p.dtype) for p in a.parameters()]
+        return tuple(key)
+
+    def generation_model(self) -> nn.Module:
+        """Your model's eager structure with the adapters merged into the target weights
+        (dense), over the training module's tensors: what ``generate`` runs. Rebuilt only
+        when an adapter changed since the last call."""
+        key = self._generation_key()
+        cached = self.__dict__.get("_generation")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self.__dict__.pop("_generation", None)  # free the old merged weights first
+        base = self.base_model  # type: ignore[attr-defined]
+        on = {n: a for n, a in self.adapters().items() if a.enabled}  # type: ignore[attr-defined]
+        quantized = [n for n, a in on.items() if a.weight_fqn and is_quantized(
+            base.get_parameter(a.weight_fqn))]
+        if self.eager and (quantized or not on):  # type: ignore[attr-defined]
+            # Quantized targets stay quantized: the hooked eager model runs as it is.
+            view = base
+        else:
+            view = structure_copy(self.structure_source(), base,  # type: ignore[attr-defined]
+                                  merged_weights(base, on))
+            for config in view.__dict__.pop("_capaboost_cache_off", []):
+                config.use_cache = True  # generation uses the KV cache, as your model does
+        view.train(self.training)  # type: ignore[attr-defined]
+        self.__dict__["_generation"] = (key, view)
+        return view
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Your model's ``generate`` (every argument, KV cache) with the adapters applied
+        (merged into the target weights once, until they change); inside
+        `disable_adapter` the base model generates."""
+        view = self.generation_model()
+        if not callable(getattr(view, "generate", None)):
+            raise CapaBoostError(
+                f"{type(view).__name__} has no generate(): only generative Hugging Face models "
+                "(GenerationMixin) can generate. Call the training module for a forward pass."
+            )
+        return view.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model, adapters off (forward and ``generate``), as PEFT's
+        ``disable_adapter()``: DPO's and GRPO's reference model at no memory cost."""
+        adapters = list(self.adapters().values())  # type: ignore[attr-defined]
+        before = [a.enabled for a in adapters]
+        for a in adapters:
+            a.enabled = False
+        try:
+            yield
+        finally:
+            for a, was in zip(adapters, before, strict=True):
+                a.enabled = was
+
+    # ------------------------------------------------------------------ training stacks
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None
+                                      ) -> None:
+        """Activation checkpointing per block (transformer layer), as your model's own
+        ``gradient_checkpointing_enable()`` does (non-reentrant)."""
+        if self.eager:  # type: ignore[attr-defined]
+            enable = getattr(self.base_model, "gradient_checkpointing_enable", None)  # type: ignore[attr-defined]
+            if enable is None:
+                raise CapaBoostError(
+                    f"{type(self.base_model).__name__} has no gradient_checkpointing_enable(); "  # type: ignore[attr-defined]
+                    "wrap its blocks in torch.utils.checkpoint yourself.")
+            kwargs = dict(gradient_checkpointing_kwargs or {})
+            kwargs.setdefault("use_reentrant", False)
+            enable(gradient_checkpointing_kwargs=kwargs)
+            return
+        blocks = self.blocks()  # type: ignore[attr-defined]
+        if not blocks:
+            raise CapaBoostError(
+                "this training module has no blocks to checkpoint: call "
+                "capaboost_fx.transform(..., blocks=['model.layers.*'], checkpoint=True) to name "
+                "them (transformer layers are found automatically for Hugging Face models).")
+        for b in blocks.values():
+            b.checkpoint = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        if self.eager:  # type: ignore[attr-defined]
+            self.base_model.gradient_checkpointing_disable()  # type: ignore[attr-defined]
+            return
+        for b in self.blocks().values():  # type: ignore[attr-defined]
+            b.checkpoint = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        if self.eager:  # type: ignore[attr-defined]
+            return bool(getattr(self.base_model, "is_gradient_checkpointing", False))  # type: ignore[attr-defined]
+        return any(b.checkpoint for b in self.blocks().values())  # type: ignore[attr-defined]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(parameters that require grad, all parameters), as PEFT counts them."""
+        params = list(self.parameters())  # type: ignore[attr-defined]
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params))
+
+    def print_trainable_parameters(self) -> None:
+        """Trainable, live (kept by at least one mask: the paper's count) and all parameters."""
+        trainable, total = self.get_nb_trainable_parameters()
+        adapters: dict[str, CapaBoostAdapter] = self.adapters()  # type: ignore[attr-defined]
+        dead = sum(a.num_trainable() - a.num_live() for a in adapters.values())
+        print(f"trainable params: {trainable:,} || live params: {trainable - dead:,} || "
+              f"all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True,
+                        **kwargs: Any) -> Path:
+        """Write the adapter (and ``spec.trainable`` tensors) into `save_directory` as
+        ``capaboost_adapter.safetensors``; `capaboost_fx.load_adapter(model, dir)` reads it.
+        Every rank of a sharded run calls it; only the main process writes. Other keyword
+        arguments of ``PreTrainedModel.save_pretrained`` are accepted and ignored."""
+        out = Path(save_directory)
+        if is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+        write_adapter(self, out / ADAPTER_FILE, main_process=is_main_process)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def _frozen(self, name: str, t: torch.Tensor) -> bool:
+        """A tensor of the caller's model that training never changes (not saved)."""
+        if ".capaboost" in name or name.startswith("capaboost"):
+            return False
+        if isinstance(t, nn.Parameter):
+            return not t.requires_grad
+        return not getattr(t, "_capaboost_private", False)
+
+    def _install_state_hooks(self) -> None:
+        self.register_state_dict_post_hook(_drop_frozen)  # type: ignore[attr-defined]
+        self.register_load_state_dict_post_hook(_allow_missing_frozen)  # type: ignore[attr-defined]
+
+
+def _named_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def _drop_frozen(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for name, t in _named_state(module).items():
+        if module._frozen(name, t):
+            state_dict.pop(prefix + name, None)
+
+
+def _allow_missing_frozen(module: Any, incompatible: Any) -> None:
+    state = _named_state(module)
+    keep = [k for k in incompatible.missing_keys
+            if k not in state or not module._frozen(k, state[k])]
+    incompatible.missing_keys[:] = keep

@@ -1,0 +1,112 @@
+"""Eager: the adapters on your model's own linear modules, for what torch.export cannot capture.
+
+Pattern: a module that applies one weight linearly to its first input: ``nn.Linear`` and its
+subclasses (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, an ``nn.Linear`` whose weight is a
+torchao NF4 or int8 tensor), Hugging Face ``Conv1D`` (weight stored in × out), and any module
+with integer ``in_features`` / ``out_features`` and a ``weight``. Replacement: a forward hook
+
+    y' = module(x) + s · B_cat (A_cat drop(x))          (= W0 x + s · Σ_i (B⊙M^B_i)(A⊙M^A_i) x)
+
+with the module's `CapaBoostAdapter` child (``<module>.capaboost``, where the graph path puts
+it too): the algebra of `rewrite`, applied at the module boundary instead of the op. The
+model runs as it is, so whatever it does (quantized kernels, data-dependent code, numpy
+masking, KV caches) keeps working; the fold, files and ONNX export are the graph path's.
+
+When `transform` takes this path (``capture="eager"``, or ``"auto"`` when the model holds
+quantized weights or torch.export fails) it says why in ``capture_info["eager_reason"]``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..merge import adapter_hook, is_quantized
+from .match import adapter_path
+
+
+@dataclass
+class ModuleLinear:
+    """A linear module as a candidate target (the eager counterpart of `match.Candidate`)."""
+
+    name: str
+    fqn: str  # its weight's FQN
+    param: torch.Tensor
+    in_features: int
+    out_features: int
+    layout: str  # "out_in" (nn.Linear) or "in_out" (Conv1D)
+    bias_fqn: str | None = None
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    sites: dict[str, list[Any]] = field(default_factory=dict)
+    kind = "op"
+
+    @property
+    def ops(self) -> list[str]:
+        return [f"module {type(self.param).__name__ if is_quantized(self.param) else 'linear'}"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = self.param
+        return p.dtype if p.is_floating_point() else torch.float32
+
+    @property
+    def adapter_path(self) -> str:
+        return adapter_path(self.fqn)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, str] | None:
+    """(in, out, layout) when `module` applies its ``weight`` linearly, else None."""
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return None
+    if type(module).__name__ == "Conv1D" and weight.dim() == 2:  # Hugging Face GPT-2 style
+        return weight.shape[0], weight.shape[1], "in_out"
+    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(i, int) and isinstance(o, int):
+        return i, o, "out_in"
+    return None
+
+
+def find_modules(model: nn.Module) -> dict[str, ModuleLinear]:
+    """Every linear module of `model`, by name, with the reason it cannot be adapted (a
+    weight shared with another module: a fold would change that use too)."""
+    users: dict[int, list[str]] = defaultdict(list)
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is not None:
+                users[id(p)].append(f"{mname}.{attr}" if mname else attr)
+    out = {}
+    for name, m in model.named_modules():
+        found = _linear_shape(m) if name else None
+        if found is None:
+            continue
+        i, o, layout = found
+        weight = m._parameters["weight"]
+        bias = m._parameters.get("bias")
+        cand = ModuleLinear(name, f"{name}.weight", weight, i, o, layout,
+                            f"{name}.bias" if bias is not None else None)
+        others = [u for u in users[id(weight)] if u != cand.fqn]
+        if others:
+            cand.reason = (f"weight is shared with {others[:3]} (tied): a fold would change "
+                           "that use too; untie it or exclude it")
+        elif not weight.is_floating_point() and not is_quantized(weight):
+            cand.reason = f"weight dtype {weight.dtype} is not floating point"
+        out[name] = cand
+    return out
+
+
+def quantized_weights(model: nn.Module) -> list[str]:
+    """Names of parameters stored quantized (torch.export's fake-tensor twin cannot hold them)."""
+    return [n for n, p in model.named_parameters() if is_quantized(p)]
+
+
+def attach(shell: nn.Module, name: str, adapter: nn.Module) -> None:
+    """Register `adapter` as ``<name>.capaboost`` and hook it onto the module's output."""
+    module = shell.get_submodule(name)
+    module.add_module("capaboost", adapter)
+    module.register_forward_hook(adapter_hook)
