@@ -26,6 +26,7 @@ from .errors import (
 from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
 from .passes.capture import (
     Captured,
+    UncapturableError,
     as_args,
     capture_graph,
     copy_graph,
@@ -335,12 +336,14 @@ def transform(
         try:
             return _transform_graph(model, spec, example_inputs, example_kwargs,
                                     dynamic_shapes, blocks, checkpoint, modes)
-        except CaptureError as e:
+        except UncapturableError as e:
             # Eager instead only when the model itself runs on the example: a wrong example
             # (or a model that fails anyway) keeps the capture error.
             if capture == "graph" or not _runs_eagerly(model, example_inputs, example_kwargs):
                 raise
-            reason = f"torch.export could not capture the model: {str(e).splitlines()[1].strip()}"
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            reason = "torch.export could not capture the model: " + (
+                lines[1] if len(lines) > 1 else lines[0] if lines else type(e.__cause__).__name__)
             warnings.warn(CapaBoostWarning(
                 f"{reason}. capaboost_fx trains it eagerly instead (capture='eager': the same "
                 "adapters on its linear modules, the same fold and files; no per-block "

@@ -350,6 +350,8 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
         return self.base_model if self.eager else self._twin
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
+            return self._fused_call(args, kwargs)
         if self.eager:
             return self.base_model(*args, **kwargs)
         if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
@@ -403,6 +405,8 @@ class FoldedModel(ModelLike, GraphProgram):
         self.eval()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
+            return self._fused_call(args, kwargs)
         if self.eager:
             return self.base_model(*args, **kwargs)
         return super().forward(*args, **kwargs)

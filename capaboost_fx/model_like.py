@@ -74,6 +74,40 @@ class ModelLike:
 class AdapterModelLike(ModelLike):
     """Mixin of the training module: see the module docstring."""
 
+    # ------------------------------------------------------------------ TRL's fused LM head
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL's trainers call add_fused_lm_head(model), which sets model.forward to a wrapper
+        # that runs model.base_model as a backbone; ours is the whole model. Keep our forward
+        # and take the wrapper's settings instead (see `_fused_call`).
+        settings = fused_settings(value) if name == "forward" else None
+        if settings is None:
+            super().__setattr__(name, value)
+            return
+        self.__dict__["_fused_settings"] = settings
+        if self.eager:  # type: ignore[attr-defined]
+            from trl.trainer.utils import add_fused_lm_head  # what sent us here
+
+            add_fused_lm_head(self.base_model, **settings)  # type: ignore[attr-defined]
+
+    def _fused_call(self, args: tuple, kwargs: dict) -> Any:
+        """A call with TRL's ``fused_lm_head=...``: per-token log-probabilities (and the fields
+        TRL asked for) of the labels, as TRL's fused head returns them."""
+        fused = kwargs.pop("fused_lm_head")
+        labels = kwargs.pop("labels", None)
+        extra = {k: kwargs.pop(k) for k in ("shift_labels", "num_items_in_batch") if k in kwargs}
+        if not fused:
+            return self(*args, **kwargs, **({"labels": labels} if labels is not None else {}),
+                        **extra)
+        if self.eager:  # the shell carries TRL's own fused head (memory-efficient)
+            return self.base_model(*args, fused_lm_head=True, labels=labels,  # type: ignore[attr-defined]
+                                   **kwargs, **extra)
+        kwargs["use_cache"] = False
+        logits = self(*args, **kwargs).logits
+        return fused_from_logits(logits, labels, extra.get("shift_labels"),
+                                 extra.get("num_items_in_batch"),
+                                 **self.__dict__.get("_fused_settings", {}))
+
     # ------------------------------------------------------------------ generation
 
     def _generation_key(self) -> tuple:
@@ -137,35 +171,54 @@ class AdapterModelLike(ModelLike):
 
     # ------------------------------------------------------------------ training stacks
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None
-                                      ) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
         """Activation checkpointing per block (transformer layer), as your model's own
-        ``gradient_checkpointing_enable()`` does (non-reentrant)."""
+        ``activation_checkpointing_enable()`` does (non-reentrant): what the HF Trainer and
+        TRL call for ``gradient_checkpointing=True``."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
         if self.eager:  # type: ignore[attr-defined]
-            enable = getattr(self.base_model, "gradient_checkpointing_enable", None)  # type: ignore[attr-defined]
-            if enable is None:
-                raise CapaBoostError(
-                    f"{type(self.base_model).__name__} has no gradient_checkpointing_enable(); "  # type: ignore[attr-defined]
-                    "wrap its blocks in torch.utils.checkpoint yourself.")
-            kwargs = dict(gradient_checkpointing_kwargs or {})
+            base = self.base_model  # type: ignore[attr-defined]
             kwargs.setdefault("use_reentrant", False)
-            enable(gradient_checkpointing_kwargs=kwargs)
+            if callable(getattr(base, "activation_checkpointing_enable", None)):
+                base.activation_checkpointing_enable(kwargs, every_n_layers, offload)
+            elif callable(getattr(base, "gradient_checkpointing_enable", None)):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                raise CapaBoostError(
+                    f"{type(base).__name__} has no activation_checkpointing_enable(); wrap its "
+                    "blocks in torch.utils.checkpoint yourself.")
             return
-        blocks = self.blocks()  # type: ignore[attr-defined]
+        if offload or kwargs.get("use_reentrant"):
+            raise CapaBoostError(
+                "the graph path checkpoints blocks non-reentrantly, without CPU offload; drop "
+                "offload / use_reentrant, or transform with capture='eager'.")
+        blocks = list(self.blocks().values())  # type: ignore[attr-defined]
         if not blocks:
             raise CapaBoostError(
                 "this training module has no blocks to checkpoint: call "
                 "capaboost_fx.transform(..., blocks=['model.layers.*'], checkpoint=True) to name "
                 "them (transformer layers are found automatically for Hugging Face models).")
-        for b in blocks.values():
-            b.checkpoint = True
+        for i, b in enumerate(blocks):
+            b.checkpoint = i % every_n_layers == 0
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         if self.eager:  # type: ignore[attr-defined]
-            self.base_model.gradient_checkpointing_disable()  # type: ignore[attr-defined]
+            base = self.base_model  # type: ignore[attr-defined]
+            off = getattr(base, "activation_checkpointing_disable", None) or \
+                base.gradient_checkpointing_disable
+            off()
             return
         for b in self.blocks().values():  # type: ignore[attr-defined]
             b.checkpoint = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None
+                                      ) -> None:
+        """`activation_checkpointing_enable` under its older name (PEFT's and transformers 4's)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -230,3 +283,45 @@ def _allow_missing_frozen(module: Any, incompatible: Any) -> None:
     keep = [k for k in incompatible.missing_keys
             if k not in state or not module._frozen(k, state[k])]
     incompatible.missing_keys[:] = keep
+
+
+def fused_settings(value: Any) -> dict[str, Any] | None:
+    """The settings of TRL's ``_fused_forward`` wrapper (temperature, outputs, ...), or None
+    when `value` is something else."""
+    fn = getattr(value, "__func__", None)
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_name != "_fused_forward":
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ()),
+                     strict=False))
+    return {k: cells[k] for k in ("temperature", "cast_lm_head_to_fp32", "outputs") if k in cells}
+
+
+def fused_from_logits(logits: torch.Tensor, labels: torch.Tensor,
+                      shift_labels: torch.Tensor | None, num_items_in_batch: Any,
+                      temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> Any:
+    """TRL's ``FusedCausalLMOutput`` computed from the logits of the captured graph (the
+    logits are materialized; TRL's fused kernel avoids that on an eager model)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if shift_labels is None:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    mask = labels != -100
+    z = logits.float() / temperature
+    logp = z.log_softmax(-1)
+    log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    fields: dict[str, Any] = {"log_probs": log_probs}
+    if "entropy" in outputs:
+        fields["entropy"] = -(logp.exp() * logp).sum(-1) * mask
+    with torch.no_grad():
+        if "log_sum_sq_probs" in outputs:
+            fields["log_sum_sq_probs"] = torch.logsumexp(2 * logp, -1) * mask
+        if "mean_logits" in outputs:
+            fields["mean_logits"] = z.mean(-1) * mask
+        if "is_top1" in outputs:
+            fields["is_top1"] = (z.argmax(-1) == labels) & mask
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / count, label_mask=mask, **fields)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import MissingDependencyError, TargetError
 from .adapter_file import atomic_write
+from .errors import MissingDependencyError, TargetError
 from .model import require_training
 from .passes.capture import BASE
 from .passes.fold import adapters

@@ -143,9 +143,18 @@ def test_data_dependent_loss_code_gets_a_hint_about_labels() -> None:
                                        num_attention_heads=4, intermediate_size=64)
     model = transformers.DebertaV2ForSequenceClassification(cfg)
     ids = torch.randint(3, 60, (2, 9))
+    labels = torch.tensor([0, 1])
     with pytest.raises(cbx.CaptureError, match="capture without labels"):
         cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
-                      example_kwargs={"input_ids": ids, "labels": torch.tensor([0, 1])})
+                      example_kwargs={"input_ids": ids, "labels": labels}, capture="graph")
     tm = cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
                        example_kwargs={"input_ids": ids})  # as the hint says: works
     assert tm(input_ids=ids).logits.shape == (2, 2)
+    # By default the model is trained eagerly instead, labels and all, with a warning.
+    with pytest.warns(cbx.CapaBoostWarning, match="trains it eagerly"):
+        eager = cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
+                              example_kwargs={"input_ids": ids, "labels": labels})
+    assert eager.eager and "data-dependent" in eager.capture_info["eager_reason"]
+    eager.train()
+    eager(input_ids=ids, labels=labels).loss.backward()
+    assert all(a.A.grad is not None for a in cbx.adapters(eager).values())

@@ -46,6 +46,11 @@ CONSTANTS = "capaboost_constants"  # lifted tensor constants of the captured gra
 MODES = ("train", "eval")
 
 
+class UncapturableError(CaptureError):
+    """torch.export itself failed on the model (not on our passes' checks): what makes
+    ``transform(capture="auto")`` train the model eagerly instead."""
+
+
 @dataclass
 class Captured:
     """One capture: the graph (get_attr targets rooted at ``base_model.``) and what the
@@ -316,8 +321,8 @@ def export_graph(
     except (CaptureError, InputError):
         raise
     except Exception as e:
-        raise CaptureError(_explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound))
-                           ) from e
+        raise UncapturableError(
+            _explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound))) from e
     finally:
         twin.train(was_training)
     seconds = time.perf_counter() - t0
