@@ -326,12 +326,16 @@ def transform(
     if capture not in CAPTURE_CHOICES:
         raise SpecError(f"capture must be one of {CAPTURE_CHOICES}, got {capture!r}.")
     reason = None
-    if capture == "eager":
-        reason = "capture='eager' was asked for"
-    elif capture == "auto" and (quantized := quantized_weights(model)):
+    quantized = quantized_weights(model) if capture != "eager" else []
+    if quantized:
         reason = (f"{len(quantized)} weights are stored quantized (e.g. {quantized[0]}: "
                   f"{type(model.get_parameter(quantized[0])).__name__}), which torch.export's "
                   "fake-tensor capture cannot represent")
+        if capture == "graph":
+            raise CaptureError(f"cannot capture a graph: {reason}. Use capture='auto' (the "
+                               "default) or capture='eager' to train adapters on top of them.")
+    if capture == "eager":
+        reason = "capture='eager' was asked for"
     if reason is None:
         try:
             return _transform_graph(model, spec, example_inputs, example_kwargs,

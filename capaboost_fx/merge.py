@@ -42,7 +42,7 @@ def is_quantized(t: Any) -> bool:
     if cls in (torch.Tensor, nn.Parameter) or cls.__name__ in ("DTensor", "FakeTensor",
                                                                "FunctionalTensor"):
         return False
-    if isinstance(t, nn.Parameter) and t.is_floating_point():
+    if issubclass(cls, nn.Parameter) and t.is_floating_point():
         # nn.Parameter subclasses over a plain float tensor are dense unless they carry
         # quantization state (bitsandbytes keeps it beside the data)
         return getattr(t, "quant_state", None) is not None or getattr(t, "SCB", None) is not None

@@ -1,0 +1,140 @@
+"""A quantized frozen base (QLoRA-style): torchao NF4 and int8 weight-only weights. The adapters
+train in float32 on top (eager path, chosen automatically), the update equals an independent
+reference, fold merges into a dense weight (error measured), files and PEFT export work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import capaboost_fx as cbx
+
+torchao = pytest.importorskip("torchao")  # a [dev] dependency ([quant] extra)
+
+
+def nf4(w: torch.Tensor) -> torch.Tensor:
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    return to_nf4(w)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(256, 256)
+        self.down = nn.Linear(256, 64, bias=False)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.down(F.gelu(self.up(x)))))
+
+
+def quantize_nf4(net: Net) -> Net:
+    for m in (net.up, net.down):
+        m.weight = nn.Parameter(nf4(m.weight.detach().clone()), requires_grad=False)
+    return net
+
+
+def quantize_int8(net: Net) -> Net:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(net, Int8WeightOnlyConfig(), filter_fn=lambda m, n: n in ("up", "down"))
+    return net
+
+
+QUANTIZERS = {"nf4": quantize_nf4, "int8": quantize_int8}
+SPEC = cbx.Spec(targets=["up", "down"], rank=4, num_masks=2, density=0.5, seed=7)
+
+
+def _reference_delta(a, x: torch.Tensor) -> torch.Tensor:
+    """s · Σ_i (B ⊙ M^B_i)(A ⊙ M^A_i) x, one copy at a time (not the library's factors())."""
+    out = 0
+    for i in range(a.num_masks):
+        out = out + x @ (a.A * a.mask_A[i]).T @ (a.B * a.mask_B[i]).T
+    return a.scaling * out
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZERS))
+def test_quantized_base_trains_adapters_and_folds(kind) -> None:
+    base = QUANTIZERS[kind](Net())
+    raw = {n: type(p).__name__ for n, p in base.named_parameters()}
+    assert raw["up.weight"] != "Parameter"  # really quantized
+    dense_up = (base.up(torch.eye(256)) - base.up(torch.zeros(1, 256))).T.detach()
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        y_base = base(x)
+    with _no_warning():  # the eager path is chosen, not warned about
+        tm = cbx.transform(base, SPEC, (x,))
+    assert tm.eager and "quantized" in tm.capture_info["eager_reason"]
+    a_up, a_down = cbx.adapters(tm)["up"], cbx.adapters(tm)["down"]
+    assert a_up.A.dtype == torch.float32 and a_up.A.requires_grad
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in (a_up, a_down):
+            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.1)
+    # the adapted layer equals W0 x + b + reference delta, W0 read off the quantized module
+    tm.eval()
+    h = {}
+    handle = tm.base_model.up.register_forward_hook(lambda m, i, o: h.update(up=o))
+    with torch.no_grad():
+        y = tm(x)
+    handle.remove()
+    expected_up = x @ dense_up.T + base.up.bias + _reference_delta(a_up, x)
+    torch.testing.assert_close(h["up"], expected_up, rtol=1e-4, atol=1e-4)
+    assert (y - y_base).abs().max() > 1e-3  # the adapters act
+    # training reaches the adapters only; the quantized base stays as it was
+    tm.train()
+    tm(x).square().mean().backward()
+    assert a_up.A.grad is not None and a_down.B.grad is not None
+    assert {n: type(p).__name__ for n, p in base.named_parameters()} == raw
+    # fold: a dense merged weight; the error against the unfolded module is measured here
+    tm.eval()
+    folded = cbx.fold(tm)
+    assert type(folded.base_model.up) is nn.Linear
+    assert type(folded.base_model.up.weight) is nn.Parameter
+    with torch.no_grad():
+        err = (folded(x) - tm(x)).abs().max().item()
+    assert err < 1e-4, err
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error", cbx.CapaBoostWarning)
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZERS))
+def test_quantized_base_adapter_files_and_peft_export(kind, tmp_path) -> None:
+    base = QUANTIZERS[kind](Net())
+    x = torch.randn(4, 256)
+    tm = cbx.transform(base, SPEC, (x,))
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.1)
+    tm.eval()
+    cbx.save_adapter(tm, tmp_path / "a.safetensors")
+    header = cbx.read_header(tmp_path / "a.safetensors")
+    assert header["targets"]["up"]["weight_shape"] == [256, 256]  # logical, not packed
+    back = cbx.load_adapter(QUANTIZERS[kind](Net()), tmp_path / "a.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), tm(x))
+    # the same adapter loads onto the float model it was quantized from (to merge in fp32)
+    fp = cbx.load_adapter(Net(), tmp_path / "a.safetensors", (x,))
+    assert not fp.eager
+    out = cbx.to_peft_lora(tm, tmp_path / "peft")
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_capture_graph_on_a_quantized_base_says_what_to_do() -> None:
+    base = quantize_nf4(Net())
+    with pytest.raises(cbx.CaptureError, match="capture='auto'"):
+        cbx.transform(base, SPEC, (torch.randn(4, 256),), capture="graph")
