@@ -49,38 +49,49 @@ def is_quantized(t: Any) -> bool:
     return True
 
 
-@torch.no_grad()
 def dense_weight(module: nn.Module | None, weight: torch.Tensor, layout: str = "out_in",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight (in `weight`'s storage layout) that `module` applies.
 
-    Plain tensors are returned as they are. Quantized tensors dequantize themselves
-    (``dequantize()``, torchao's ``get_original_weight()``); anything else (bitsandbytes'
-    packed ``Params4bit``/``Int8Params``) is read off the module itself, by applying it to the
-    identity: ``W x = module(x) - module(0)``, so no library is special-cased."""
+    Plain tensors are returned as they are. Quantized tensors dequantize themselves (torchao's
+    ``get_original_weight()`` / ``dequantize()``); anything else (bitsandbytes' packed
+    ``Params4bit``/``Int8Params``) is read off the module itself, by applying it to the
+    identity: ``Wᵀ = module(I) - bias``, so no library is special-cased. The probe runs
+    in train mode: bitsandbytes repacks a 4-bit weight in place on a no-grad eval call."""
     if not is_quantized(weight):
         return weight
-    for method in ("get_original_weight", "dequantize"):
-        fn = getattr(weight, method, None)
-        if callable(fn):
+    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    logical = (out_f, in_f) if layout == "out_in" else (in_f, out_f)
+    with torch.no_grad():
+        for method in ("get_original_weight", "dequantize"):
+            if getattr(type(weight), method, None) is getattr(torch.Tensor, method, None):
+                continue  # torch's own (a plain int8 tensor "dequantizes" to its raw values)
+            fn = getattr(weight, method, None)
             try:
-                out = fn()
-            except Exception:  # noqa: BLE001 - try the next recipe, the probe always works
-                continue
-            if isinstance(out, torch.Tensor) and not is_quantized(out):
+                out = fn() if callable(fn) else None
+            except Exception:  # noqa: BLE001 - try the next recipe; the probe always works
+                out = None
+            if (isinstance(out, torch.Tensor) and not is_quantized(out)
+                    and out.is_floating_point() and tuple(out.shape) == logical):
                 return out.to(dtype)
-    if module is None:
-        raise FoldError(f"cannot read the dense values of a {type(weight).__name__} weight "
-                        "without its module.")
-    in_features = getattr(module, "in_features", None)
-    if not isinstance(in_features, int):
-        raise FoldError(f"cannot read the dense weight of {type(module).__name__}: it has no "
-                        "in_features.")
-    device = next((b.device for b in module.buffers()), None) or weight.device
+    if not isinstance(in_f, int):
+        raise FoldError(f"cannot read the dense weight of a {type(weight).__name__} weight in "
+                        f"{type(module).__name__}: the module has no in_features.")
+    device = weight.device
     probe_dtype = getattr(module, "compute_dtype", None) or dtype
-    eye = torch.eye(in_features, dtype=probe_dtype, device=device)
-    zero = torch.zeros(1, in_features, dtype=probe_dtype, device=device)
-    w_t = (module(eye).to(dtype) - module(zero).to(dtype))  # in × out
+    was = module.training
+    module.train()  # bitsandbytes repacks a 4-bit weight in place on a no-grad eval call
+    try:
+        with torch.no_grad():
+            eye = torch.eye(in_f, dtype=probe_dtype, device=device)
+            # forward, not __call__: the adapter hook of an eager target must not run here.
+            # The bias is read, not probed with x = 0 (int8 kernels scale rows by their max).
+            bias = getattr(module, "bias", None)
+            w_t = module.forward(eye).to(dtype)
+            if isinstance(bias, torch.Tensor):
+                w_t = w_t - bias.to(dtype)
+    finally:
+        module.train(was)
     return w_t.T.contiguous() if layout == "out_in" else w_t.contiguous()
 
 

@@ -17,6 +17,7 @@ same state, as ``torch.compile`` recompiles on a guard failure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import types
@@ -48,6 +49,21 @@ def _compile(graph: fx.Graph) -> tuple[Callable[..., Any], str]:
     return _forward_from_src(py.src, py.globals, getattr(graph, "_co_fields", {})), py.src
 
 
+def autocast_state() -> tuple | None:
+    """``(device type, dtype)`` of the ``torch.autocast`` region we are in, or None."""
+    for device in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device):
+            return device, torch.get_autocast_dtype(device)
+    return None
+
+
+def autocast_region(state: tuple | None) -> Any:
+    """A context that re-enters the autocast `state` (or does nothing for None)."""
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state[0], dtype=state[1])
+
+
 class _Unpicklable:
     def __reduce_ex__(self, protocol: int) -> Any:
         raise CapaBoostError(
@@ -71,6 +87,7 @@ class Variant:
     code: dict[str, str] = field(default_factory=dict)
     example: tuple = ((), {})  # meta copies of the inputs it was captured with
     bound: dict[str, Any] = field(default_factory=dict)  # tensor-free kwargs baked in
+    autocast: tuple | None = None  # the torch.autocast state it was captured under
 
     def compile(self) -> None:
         for mode, g in self.graphs.items():
@@ -200,9 +217,12 @@ class GraphProgram(_Unpicklable, nn.Module):
             v.compile()
 
     def variant_for(self, args: tuple, kwargs: dict, mode: str | None = None) -> Variant:
-        """The variant that runs these inputs in `mode`, captured now if missing."""
+        """The variant that runs these inputs in `mode` (and under the current
+        ``torch.autocast`` state: an export bakes its casts in), captured now if missing."""
         mode = mode or self.mode()
-        found = next((v for v in self._variants if v.matches(args, kwargs)), None)
+        state = autocast_state()
+        found = next((v for v in self._variants
+                      if v.autocast == state and v.matches(args, kwargs)), None)
         if found is not None and mode in found.fns:
             return found
         if self._build is None:
@@ -211,6 +231,7 @@ class GraphProgram(_Unpicklable, nn.Module):
                 "capture one. Call it with the argument structure it was built with."
             )
         variant = self._build(self, mode, args, kwargs, found)
+        variant.autocast = state
         self._add_variant(variant)
         return variant
 

@@ -177,3 +177,37 @@ def test_print_trainable_parameters_counts_live_entries(capsys) -> None:
     live = sum(int(a.mask_A.any(0).sum() + a.mask_B.any(0).sum()) for a in adapters)
     assert f"trainable params: {trainable:,}" in text and f"live params: {live:,}" in text
     assert tm.get_nb_trainable_parameters()[0] == trainable
+
+
+def test_autocast_on_an_fp32_base_without_capturing_inside_it() -> None:
+    """Graph path under torch.autocast(bf16) equals the eager path (the model as it runs),
+    for a decoder and an encoder; the graph for autocast is captured on the first such call."""
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=2))
+    ids = torch.randint(2, 97, (2, 8))
+    cases = [(tiny_llama(), SPEC, {"input_ids": ids, "labels": ids}),
+             (bert, cbx.Spec(targets=["*.query", "*.value"], rank=4),
+              {"input_ids": ids, "labels": torch.tensor([0, 1])})]
+    for model, spec, batch in cases:
+        losses = {}
+        for capture in PATHS:
+            tm = cbx.transform(model, spec, example_kwargs=batch, capture=capture)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for a in cbx.adapters(tm).values():
+                    a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.3)
+            tm.train()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = tm(**batch)
+            assert out.logits.dtype == torch.bfloat16
+            out.loss.backward()
+            assert all(a.A.grad is not None and a.A.grad.dtype == torch.float32
+                       for a in cbx.adapters(tm).values())
+            tm.eval()  # dropout off: the two paths compare exactly
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                losses[capture] = tm(**batch).loss.float()
+            with torch.no_grad():
+                fp32 = tm(**batch).logits  # and back to fp32: the first graph again
+            assert fp32.dtype == torch.float32
+        torch.testing.assert_close(losses["graph"], losses["eager"], rtol=0, atol=1e-3)

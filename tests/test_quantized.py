@@ -45,7 +45,45 @@ def quantize_int8(net: Net) -> Net:
     return net
 
 
+def _bnb_linear(m: nn.Linear, bits: int) -> nn.Module:
+    import bitsandbytes as bnb
+
+    if bits == 4:
+        q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(m.weight.detach().clone(), requires_grad=False,
+                                     quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None,
+                                has_fp16_weights=False, threshold=0.0)
+        q.weight = bnb.nn.Int8Params(m.weight.detach().clone(), requires_grad=False,
+                                     has_fp16_weights=False)
+    if m.bias is not None:
+        q.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu")  # bitsandbytes quantizes when the module moves to its device
+
+
+def quantize_bnb4(net: Net) -> Net:
+    net.up, net.down = _bnb_linear(net.up, 4), _bnb_linear(net.down, 4)
+    return net
+
+
+def quantize_bnb8(net: Net) -> Net:
+    net.up, net.down = _bnb_linear(net.up, 8), _bnb_linear(net.down, 8)
+    return net
+
+
+def _bnb_runs() -> bool:
+    try:
+        quantize_bnb4(Net())(torch.randn(2, 256))
+        return True
+    except Exception:  # noqa: BLE001 - no bitsandbytes, or no CPU kernels for it here
+        return False
+
+
 QUANTIZERS = {"nf4": quantize_nf4, "int8": quantize_int8}
+if _bnb_runs():  # bitsandbytes >= 0.49 runs on this machine's CPU (checked, see README)
+    QUANTIZERS.update(bnb4=quantize_bnb4, bnb8=quantize_bnb8)
 SPEC = cbx.Spec(targets=["up", "down"], rank=4, num_masks=2, density=0.5, seed=7)
 
 
@@ -62,10 +100,7 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
     base = QUANTIZERS[kind](Net())
     raw = {n: type(p).__name__ for n, p in base.named_parameters()}
     assert raw["up.weight"] != "Parameter"  # really quantized
-    dense_up = (base.up(torch.eye(256)) - base.up(torch.zeros(1, 256))).T.detach()
     x = torch.randn(8, 256)
-    with torch.no_grad():
-        y_base = base(x)
     with _no_warning():  # the eager path is chosen, not warned about
         tm = cbx.transform(base, SPEC, (x,))
     assert tm.eager and "quantized" in tm.capture_info["eager_reason"]
@@ -75,29 +110,38 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
     with torch.no_grad():
         for a in (a_up, a_down):
             a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.1)
-    # the adapted layer equals W0 x + b + reference delta, W0 read off the quantized module
+    # training reaches the adapters only; the quantized base stays as it was (trained before
+    # any eval call: bitsandbytes 0.50 on CPU repacks a 4-bit weight for inference on its
+    # first no-grad eval call, after which its backward fails)
+    tm.train()
+    tm(x).square().mean().backward()
+    assert a_up.A.grad is not None and a_down.B.grad is not None
+    assert {n: type(p).__name__ for n, p in base.named_parameters()} == raw
+    # the adapted layer equals the quantized layer's own output + the reference delta
     tm.eval()
+    with torch.no_grad():
+        y_base = base.eval()(x)
+        up_base = base.up(x)  # the quantized module's own output
     h = {}
     handle = tm.base_model.up.register_forward_hook(lambda m, i, o: h.update(up=o))
     with torch.no_grad():
         y = tm(x)
     handle.remove()
-    expected_up = x @ dense_up.T + base.up.bias + _reference_delta(a_up, x)
-    torch.testing.assert_close(h["up"], expected_up, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h["up"], up_base + _reference_delta(a_up, x),
+                               rtol=1e-5, atol=1e-5)
     assert (y - y_base).abs().max() > 1e-3  # the adapters act
-    # training reaches the adapters only; the quantized base stays as it was
-    tm.train()
-    tm(x).square().mean().backward()
-    assert a_up.A.grad is not None and a_down.B.grad is not None
-    assert {n: type(p).__name__ for n, p in base.named_parameters()} == raw
-    # fold: a dense merged weight; the error against the unfolded module is measured here
+    # fold: a dense merged weight; the error against the unfolded module is measured here.
+    # bitsandbytes' CPU kernels are not exact in the input: 4-bit computes eval calls in bf16
+    # (its weight repacked with bf16 scales), 8-bit casts inputs to fp16 and quantizes them,
+    # so their unfolded outputs are accurate to ~1e-3 and the dense fold differs by that
     tm.eval()
     folded = cbx.fold(tm)
     assert type(folded.base_model.up) is nn.Linear
     assert type(folded.base_model.up.weight) is nn.Parameter
     with torch.no_grad():
         err = (folded(x) - tm(x)).abs().max().item()
-    assert err < 1e-4, err
+        scale = tm(x).abs().max().item()
+    assert err < (2e-2 if kind.startswith("bnb") else 1e-4) * max(scale, 1.0), (err, scale)
 
 
 class _no_warning:

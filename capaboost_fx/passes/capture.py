@@ -152,7 +152,18 @@ def shared_shell(model: nn.Module) -> nn.Module:
             # would drop its quantization state.
             memo[id(t)] = (nn.Parameter(t.detach(), requires_grad=False)
                            if is_param and not is_quantized(t) else t)
+    for m in model.modules():
+        if any(is_quantized(p) for p in m._parameters.values()):
+            # Its quantization state may live on the module too (bitsandbytes' MatmulLtState
+            # takes over the weight's CB/SCB on the first call): share it, as the weight.
+            for k, v in vars(m).items():
+                if k not in _MODULE_INTERNALS:
+                    memo[id(v)] = v
     return _no_cache(_deepcopy(model, memo, "training shell"))
+
+
+# nn.Module's own dicts: a copy gets new ones (its hooks and children are its own)
+_MODULE_INTERNALS = frozenset(k for k in vars(nn.Linear(1, 1)) if k.startswith("_"))
 
 
 def replace_tensor(root: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..merge import base_weight, foldable, structure_copy
-from ..model import CapaBoostModel, FoldedModel, Variant, require_training
+from ..model import CapaBoostModel, FoldedModel, Variant, autocast_region, require_training
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
 from .match import sites_for
 from .rewrite import adapter_key, rewrite, unrewrite
@@ -128,7 +128,8 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         tm.variant_for(args, dict(example_kwargs or {}), "eval")
     for v in list(tm._variants):
         if "eval" not in v.flat:
-            tm._build(tm, "eval", *v.example, v)
+            with autocast_region(v.autocast):
+                tm._build(tm, "eval", *v.example, v)
             v.compile()
     merged = merged_weights(tm)
     nonlinear = frozenset(n for n, a in adapters(tm).items() if not foldable(a))
@@ -139,7 +140,7 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         memo = {id(v.in_spec): v.in_spec, id(v.out_spec): v.out_spec}
         variants.append(Variant(v.key, v.in_spec, v.out_spec,
                                 graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)},
-                                example=v.example, bound=v.bound))
+                                example=v.example, bound=v.bound, autocast=v.autocast))
     constants = _constants_of([v.graphs["eval"] for v in variants], tm)
     fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
     object.__setattr__(fm, "_twin", tm._twin)
