@@ -28,6 +28,11 @@ from .masks import make_masks, stable_seed
 from .spec import ACTIVATIONS, scaling_factor
 
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t`, gathered first when it is sharded (a ``DTensor``: FSDP2); every rank must call."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class CapaBoostAdapter(nn.Module):
     """The trainable side of one adapted weight ``W0`` (out × in).
 
@@ -119,11 +124,13 @@ class CapaBoostAdapter(nn.Module):
         # False inside ``train_model.disable_adapter()``: the update is zero (the base model runs)
         self.enabled = True
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked."""
+    def factors(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked. ``whole``: from
+        the gathered tensors when A and B are sharded (FSDP2's DTensors), for the fold."""
         d, r = self.num_masks, self.rank
-        a_cat = (self.A * self.mask_A).reshape(d * r, self.in_features)
-        b_cat = (self.B * self.mask_B).permute(1, 0, 2).reshape(self.out_features, d * r)
+        a, b = (whole_tensor(self.A), whole_tensor(self.B)) if whole else (self.A, self.B)
+        a_cat = (a * self.mask_A).reshape(d * r, self.in_features)
+        b_cat = (b * self.mask_B).permute(1, 0, 2).reshape(self.out_features, d * r)
         return a_cat, b_cat
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -157,7 +164,7 @@ class CapaBoostAdapter(nn.Module):
         if self.activation != "identity":
             raise FoldError(f"adapter {self.name!r} has a {self.activation} activation: its "
                              "update is not a weight delta")
-        a_cat, b_cat = self.factors()
+        a_cat, b_cat = self.factors(whole=True)
         return (b_cat.to(dtype) @ a_cat.to(dtype)) * self.scaling
 
     def num_trainable(self) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .adapter import CapaBoostAdapter
+from .adapter import CapaBoostAdapter, whole_tensor
 from .errors import (
     AdapterFileError,
     FileWriteError,
@@ -77,6 +77,8 @@ _DIGEST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 def _sample(w: torch.Tensor) -> torch.Tensor | None:
     """SAMPLE entries of `w` at fixed evenly spaced flat positions (None if unreadable)."""
+    if hasattr(w, "full_tensor"):  # sharded: reading it would be a collective on one rank
+        return None
     try:
         flat = w.detach().reshape(-1)
         if flat.is_meta or flat.numel() == 0:
@@ -155,10 +157,7 @@ def atomic_write(path: str | os.PathLike, write: Any, suffix: str = "") -> Path:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor on the CPU: a sharded ``DTensor`` (FSDP2) is gathered first."""
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu().contiguous()
+    return whole_tensor(t.detach()).cpu().contiguous()
 
 
 def adapter_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
@@ -186,12 +185,15 @@ def adapter_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], l
     return tensors, targets, trainable
 
 
-def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool = True) -> Path:
+def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool | None = None) -> Path:
     """Write the adapter file of training module `tm` (see the module docstring). Every rank
     of a distributed run must call it (sharded tensors are gathered); only `main_process`
-    writes."""
+    writes (default: rank 0, or the only process)."""
     from safetensors.torch import save_file
 
+    if main_process is None:
+        dist = torch.distributed
+        main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     tensors, targets, trainable = adapter_tensors(tm)
     if not main_process:
         return Path(path)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import CapaBoostAdapter
+from .adapter import CapaBoostAdapter, whole_tensor
 from .errors import FoldError
 
 ADAPTER_HOOK_ATTR = "_capaboost_adapter_hook"
@@ -119,7 +119,7 @@ def weight_shape(model: nn.Module, fqn: str) -> list[int]:
 def base_weight(base: nn.Module, a: CapaBoostAdapter, dtype: torch.dtype) -> torch.Tensor:
     """The adapted weight W0 as a dense tensor in its storage layout."""
     w0 = base.get_parameter(a.weight_fqn)
-    return dense_weight(owner_of(base, a.weight_fqn), w0, a.layout, dtype)
+    return whole_tensor(dense_weight(owner_of(base, a.weight_fqn), w0, a.layout, dtype))
 
 
 @torch.no_grad()
@@ -127,8 +127,8 @@ def _sequential_merge(a: CapaBoostAdapter, w0: torch.Tensor, b0: torch.Tensor,
                       ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """y' = y + M y + c with y = W x + b:  W' = W + M W,  b' = b + M b + c."""
     m = a.delta_weight(ct).to(w0.device)
-    b_down, b_up = a.biases()
-    _, b_cat = a.factors()
+    b_down, b_up = (whole_tensor(b) for b in a.biases())
+    _, b_cat = a.factors(whole=True)
     c = (b_cat.to(ct) @ b_down.to(ct) + b_up.to(ct)) * a.scaling
     w = w0.to(ct).T if a.layout == "in_out" else w0.to(ct)
     w_new = w + m @ w
@@ -160,7 +160,7 @@ def merged_weights(base: nn.Module, adapters: Mapping[str, CapaBoostAdapter]
         w0 = base_weight(base, a, ct)
         dtype = _out_dtype(owner_of(base, a.weight_fqn), raw)
         if a.sequential:
-            b0 = base.get_parameter(a.bias_fqn)
+            b0 = whole_tensor(base.get_parameter(a.bias_fqn))
             w_new, b_new = _sequential_merge(a, w0, b0, ct)
             if not torch.isfinite(w_new.sum() + b_new.sum()):
                 raise FoldError(f"the merged weight of sequential adapter {name!r} is not "

@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                  for n, p in tm.named_parameters() if p.requires_grad}
     else:
         state = {n: p.detach() for n, p in tm.named_parameters() if p.requires_grad}
+    # Every rank calls these (sharded tensors are gathered); rank 0 writes.
+    tm.save_pretrained(Path(args.out) / "adapter")
+    targets = {a.weight_fqn for a in adapters.values()}
+    merged = {k: v.detach().contiguous() for k, v in cbx.merged_state_dict(tm).items()
+              if k in targets}
+    cbx.fold(tm)  # the deploy module builds under sharding too
     digests = [None] * world
     dist.all_gather_object(digests, (mask_digest, init_digest, digest(list(state.values()))))
     if rank == 0:
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         save_file({n: t.contiguous() for n, t in state.items()}, out / "trained.safetensors")
+        save_file(merged, out / "merged_targets.safetensors")
         summary = {"world_size": world, "engine": args.engine,
                    "masks_equal": len({d[0] for d in digests}) == 1,
                    "init_equal": len({d[1] for d in digests}) == 1,

@@ -70,6 +70,17 @@ def test_two_processes_match_one(engine: str, tmp_path: Path, reference) -> None
         torch.testing.assert_close(trained[name], ref, rtol=1e-9, atol=1e-11)
         moved += float((ref - start.get_parameter(name)).abs().sum())
     assert moved > 1e-3  # training did change the adapters
+    # save_pretrained and merged_state_dict gathered what they needed; rank 0 wrote them, and
+    # they load back on one process (world size 1) as the single-process run's
+    back = cbx.load_adapter(ddp_train.build_model(), tmp_path / "adapter",
+                            example_kwargs=ddp_train.example_inputs())
+    for name, ref in reference.items():
+        torch.testing.assert_close(back.get_parameter(name), ref, rtol=1e-9, atol=1e-11)
+    merged = load_file(tmp_path / "merged_targets.safetensors")
+    ref_merged = cbx.merged_state_dict(back)
+    assert merged and set(merged) == {a.weight_fqn for a in cbx.adapters(back).values()}
+    for k, v in merged.items():
+        torch.testing.assert_close(v, ref_merged[k], rtol=1e-9, atol=1e-11)
 
 
 def test_per_block_fsdp2_with_checkpointing_matches_one_process(tmp_path: Path) -> None:
