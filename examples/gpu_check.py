@@ -5,7 +5,9 @@
 Trains a BERT-base-shaped model (random weights) transformed by capaboost_fx on CUDA in bf16
 autocast under torch.compile, times training steps against PEFT LoRA r=8 side by side, folds,
 checks fold parity on the GPU, and (when onnxruntime-gpu is installed) exports and serves the
-folded model with the CUDA execution provider. Prints and writes the figures as JSON.
+folded model with the CUDA execution provider; a bf16 decoder (gradient checkpointing) vs
+PEFT; a QLoRA-style 4-bit decoder vs PEFT (step time, peak memory) and generate throughput
+of the training module vs the base model. Prints and writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -80,6 +82,96 @@ def decoder_check(args: argparse.Namespace) -> dict:
             "step_ratio_vs_peft": statistics.median(ratios),
             "peak_step_memory_ratio_vs_peft": peak["capaboost_fx"] / peak["peft"],
             "peak_step_bytes": peak}
+
+
+def qlora_generate_check(args: argparse.Namespace) -> dict:
+    """QLoRA-style: a bf16 LLaMA-shaped decoder whose linears are bitsandbytes 4-bit (or
+    torchao NF4 when bitsandbytes is missing), CapaBoost vs PEFT LoRA (q/v, r=8) over it:
+    step time and peak CUDA memory, interleaved; then tokens/s of train_model.generate vs the
+    base model's own generate (greedy, KV cache) and the memory the generation view adds."""
+    import peft
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device("cuda")
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.dec_hidden,
+                      intermediate_size=args.dec_hidden * 11 // 4,
+                      num_hidden_layers=args.dec_layers, num_attention_heads=args.dec_hidden // 128,
+                      num_key_value_heads=args.dec_hidden // 256)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    try:
+        import bitsandbytes as bnb
+
+        how = "bitsandbytes Linear4bit nf4"
+        for name, m in list(base.named_modules()):
+            if isinstance(m, nn.Linear) and "lm_head" not in name:
+                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(m.weight.detach(), requires_grad=False,
+                                             quant_type="nf4")
+                parent, _, child = name.rpartition(".")
+                setattr(base.get_submodule(parent), child, q)
+    except ImportError:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        how = "torchao NF4"
+        for name, m in base.named_modules():
+            if isinstance(m, nn.Linear) and "lm_head" not in name:
+                m.weight = nn.Parameter(to_nf4(m.weight.detach()), requires_grad=False)
+    base = base.to(dev)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, cfg.vocab_size, (args.dec_batch, 512), device=dev)
+    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=8, num_masks=2, density=0.5)
+    tm = cbx.transform(base, spec, example_kwargs={"input_ids": ids[:2, :16]}).train()
+    out: dict = {"qlora_quantization": how, "qlora_capture": tm.capture_info["capture"]}
+    prompt = ids[:, :32]
+    gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
+
+    def tokens_per_s(model) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(prompt, **gen)
+        torch.cuda.synchronize()
+        return prompt.shape[0] * 64 / (time.perf_counter() - t0)
+
+    tm.eval()
+    tm.generate(prompt, **gen)  # warm-up, the view is built
+    before = torch.cuda.memory_allocated()
+    tm.generate(prompt, **gen)
+    out["generate_view_extra_bytes"] = torch.cuda.memory_allocated() - before
+    ratios = [tokens_per_s(tm) / tokens_per_s(base) for _ in range(args.rounds)]
+    out["generate_tokens_per_s_ratio_vs_base"] = statistics.median(ratios)
+    tm.train()
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    arms = {"capaboost_fx": tm, "peft": lora.train()}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for k, m in arms.items()}
+
+    def step(name: str) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = arms[name](input_ids=ids, labels=ids).loss
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    peak = {}
+    for name in arms:
+        step(name)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(name)
+        peak[name] = torch.cuda.max_memory_allocated() - before
+    times = [{n: step(n) for n in arms} for _ in range(args.rounds)]
+    out["qlora_step_ratio_vs_peft"] = statistics.median(
+        t["capaboost_fx"] / t["peft"] for t in times)
+    out["qlora_peak_step_bytes"] = peak
+    return out
 
 
 def fsdp_check() -> dict:
@@ -176,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         result["onnxruntime_providers"] = sess.providers
     except Exception as e:  # report, do not hide: the GPU training figures still stand
         result["onnxruntime_error"] = f"{type(e).__name__}: {e}"
-    for part in (lambda: decoder_check(args), fsdp_check):
+    for part in (lambda: decoder_check(args), lambda: qlora_generate_check(args), fsdp_check):
         try:
             result.update(part())
         except Exception as e:  # report, do not hide
