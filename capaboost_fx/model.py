@@ -205,6 +205,8 @@ class GraphProgram(_Unpicklable, nn.Module):
         names = list(variant.signature(self._param_names()).parameters)
         out = dict(zip(names, arg_dims, strict=False))
         out.update(kw_dims)
+        # tensor-free keywords (use_cache=False) are inputs of the call, static ones
+        out.update({k: None for k in kwargs if k not in out})
         return out
 
     def _param_names(self) -> list[str]:

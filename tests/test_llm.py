@@ -211,3 +211,28 @@ def test_autocast_on_an_fp32_base_without_capturing_inside_it() -> None:
                 fp32 = tm(**batch).logits  # and back to fp32: the first graph again
             assert fp32.dtype == torch.float32
         torch.testing.assert_close(losses["graph"], losses["eager"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("capture", PATHS)
+def test_non_tensor_keywords_on_every_entry_point(capture, tmp_path) -> None:
+    """use_cache=False, return_dict=True, output_hidden_states=False: transform, calls, fold,
+    export_onnx (the most common call of a decoder)."""
+    model = tiny_llama()
+    ids = torch.randint(2, 97, (2, 8))
+    flags = {"use_cache": False, "return_dict": True}
+    tm = cbx.transform(model, SPEC, example_inputs=(ids,), example_kwargs=flags,
+                       capture=capture)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.3)
+    tm.eval()
+    with torch.no_grad():
+        out = tm(ids, **flags, output_hidden_states=False)
+        assert out.past_key_values is None
+        folded = cbx.fold(tm, (ids,), flags)
+        torch.testing.assert_close(folded(ids, **flags).logits, out.logits)
+        assert (out.logits - model(ids).logits).abs().max() > 1e-3
+    report = cbx.export_onnx(folded, tmp_path / "m.onnx", example_inputs=(ids,),
+                             example_kwargs=flags)
+    assert report.max_abs_diff < 1e-4

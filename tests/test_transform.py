@@ -180,3 +180,38 @@ def test_caller_requires_grad_untouched() -> None:
     cbx.transform(model, CASES[0].spec, *CASES[0].inputs(3, 7))
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert model.training  # mode untouched too
+
+
+class StoresOnSelf(torch.nn.Module):
+    """Keeps a size and a tensor on itself in forward (as Funnel does): capture must not
+    leave symbolic sizes or fake tensors behind on the twin that fold later copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seq_len = x.size(1)
+        self.last_mean = x.mean()
+        return self.out(torch.relu(self.fc(x))).sum(1) / self.seq_len
+
+
+def test_fold_a_model_that_stores_sizes_and_tensors_on_self() -> None:
+    import capaboost_fx as cbx
+
+    model = StoresOnSelf()
+    x = torch.randn(3, 5, 8)
+    tm = cbx.transform(model, cbx.Spec(targets=["fc"], rank=2), (x,))
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_()
+    tm.eval()
+    folded = cbx.fold(tm)
+    state = cbx.merged_state_dict(tm)
+    y = torch.randn(4, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(y), tm(y))
+        assert (tm(y) - model(y)).abs().max() > 1e-4
+    assert "seq_len" not in vars(model) or model.seq_len == 7  # only eager calls store it
+    assert set(state) == set(model.state_dict())

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from capaboost_fx.errors import ExportError, InputError, VerificationError
+from capaboost_fx.model import FoldedModel
 from capaboost_fx.onnx.exporters import DESCRIBE, time_candidates, torchscript_candidates
 from capaboost_fx.onnx.optimize import (
     EXTERNAL_DATA_THRESHOLD,
@@ -53,6 +54,7 @@ from capaboost_fx.onnx.shapes import (
 from capaboost_fx.onnx.shapes import output_names as default_output_names
 from capaboost_fx.onnx.stats import external_locations, load_proto, onnx_stats
 from capaboost_fx.onnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyResult, verify_onnx
+from capaboost_fx.passes.capture import bind_static, split_static_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -337,11 +339,19 @@ def export_onnx(
     optimize, quantize = check_options(optimize, quantize)
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
+    if getattr(module, "eager", False) is True and isinstance(module, FoldedModel):
+        module = module.base_model  # the fold of an eager training module: your model itself
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     final = Path(os.fspath(path)).absolute()
     tmpdir = _make_tempdir(final)
     notes: list[str] = []
+    bound = contextlib.ExitStack()
+    if not hasattr(module, "expose_signature_for"):
+        # Tensor-free keywords (use_cache=False) are fixed, not exported inputs: the rule
+        # capture follows (a captured module bakes them into its graph).
+        static, kwargs = split_static_kwargs(kwargs)
+        bound.enter_context(bind_static(module, static))
     try:
         with eval_mode(module), torch.no_grad():
             try:
@@ -430,6 +440,7 @@ def export_onnx(
         stats = onnx_stats(staged)
         _commit(staged.parent, final)
     finally:
+        bound.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     report = ExportReport(

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from capaboost_fx.passes.capture import as_args, bind_inputs  # noqa: F401  (one input rule)
+from capaboost_fx.passes.capture import as_args, bind_inputs, default_dynamic_shapes  # noqa: F401  (one input rule)
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -106,17 +106,13 @@ def auto_dynamic_shapes(
         >>> sorted(auto_dynamic_shapes(M(), (ids,), {"attention_mask": ids}))
         ['attention_mask', 'input_ids']
     """
-    args = as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    bound = bind_inputs(module, args, kwargs)  # the one binding rule (capture uses it too)
-
-    def dims(x: Any) -> dict[int, Any] | None:
-        if not isinstance(x, torch.Tensor):
-            return None
+    def dims(x: torch.Tensor) -> dict[int, Any] | None:
         d = _dims_for(x)
         return {0: d[0]} if d and batch_only else d
 
-    return {name: pytree.tree_map(dims, value) for name, value in bound.arguments.items()}
+    # the one binding rule (capture uses it too)
+    return default_dynamic_shapes(module, as_args(example_inputs), dict(example_kwargs or {}),
+                                  dims) or {}
 
 
 def _runs_resized(module: nn.Module, args: tuple, kwargs: dict, batch_only: bool) -> bool:

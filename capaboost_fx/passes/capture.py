@@ -223,16 +223,21 @@ def bind_inputs(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> ins
         ) from None
 
 
+def _batch_and_sequence(x: torch.Tensor) -> dict[int, Any] | None:
+    return {d: Dim.AUTO for d in range(min(x.dim(), 2))} or None
+
+
 def default_dynamic_shapes(
-    model: nn.Module, args: tuple, kwargs: Mapping[str, Any]
+    model: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+    dims: Any = _batch_and_sequence,
 ) -> dict[str, Any] | None:
-    """``Dim.AUTO`` on dims 0 and 1 (batch, sequence) of every tensor input, by parameter name."""
+    """``dynamic_shapes`` by parameter name: ``dims(tensor)`` for every tensor input (default:
+    ``Dim.AUTO`` on dims 0 and 1, batch and sequence), None for the rest; the one binding
+    rule for capture and ONNX export (keywords a ``**kwargs`` parameter takes included)."""
     bound = bind_inputs(model, args, kwargs)
 
     def spec_of(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return {d: Dim.AUTO for d in range(min(x.dim(), 2))} or None
-        return None
+        return dims(x) if isinstance(x, torch.Tensor) else None
 
     out: dict[str, Any] = {}
     params = inspect.signature(model.forward).parameters
@@ -261,7 +266,7 @@ def split_static_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict
 
 
 @contextlib.contextmanager
-def _bind(model: nn.Module, static: dict[str, Any]) -> Iterator[None]:
+def bind_static(model: nn.Module, static: dict[str, Any]) -> Iterator[None]:
     """Export ``model`` with `static` keyword arguments fixed (they are part of which graph
     runs, not inputs of it)."""
     if not static:
@@ -322,9 +327,10 @@ def export_graph(
     device = next(iter(devices))
     hf = hf_checkpointed(twin) if mode_name == "train" else []
     bound, kwargs = split_static_kwargs(kwargs)
+    attrs = _module_attrs(twin)
     t0 = time.perf_counter()
     try:
-        with recorder.active(), hf_checkpointing_off(twin), _bind(twin, bound):
+        with recorder.active(), hf_checkpointing_off(twin), bind_static(twin, bound):
             ep = torch.export.export(twin, tuple(_to_fake(args, mode, device)),
                                      dict(_to_fake(dict(kwargs), mode, device)),
                                      dynamic_shapes=dynamic_shapes, strict=False)
@@ -336,6 +342,7 @@ def export_graph(
             _explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound))) from e
     finally:
         twin.train(was_training)
+        _restore_attrs(twin, attrs)
     seconds = time.perf_counter() - t0
 
     state_names = {n for n, _, _ in _tensors(twin)}
@@ -367,6 +374,23 @@ def export_graph(
     mutated = _written_state(graph)
     return Captured(mode_name, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
                     list(dict.fromkeys(hf + recorder.found)), seconds, bound)
+
+
+def _module_attrs(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    return [(m, dict(vars(m))) for m in model.modules()]
+
+
+def _restore_attrs(model: nn.Module, saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo what the model's forward stored on its modules while traced (Funnel keeps
+    ``self.seq_len = inputs_embeds.size(1)``): a symbolic size or fake tensor left on the twin
+    would break every later copy of it (fold, generate)."""
+    for m, before in saved:
+        now = vars(m)
+        for k in [k for k in now if k not in before]:
+            del now[k]
+        for k, v in before.items():
+            if now.get(k, v) is not v:
+                now[k] = v
 
 
 def _written_state(graph: fx.Graph) -> list[str]:
