@@ -27,27 +27,50 @@ import capaboost_fx as cbx
 
 SPEC = cbx.Spec(targets=["*.query", "*.value"], rank=4, num_masks=2, density=0.5,
                 trainable=["classifier"], seed=11)
+# decoders (--family llama / qwen2): the attention projections of every layer
+DECODER_SPEC = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=4, num_masks=2, density=0.5,
+                        seed=11)
+DECODERS = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
-def build_model(layers: int = 2) -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+def spec_for(family: str = "bert") -> cbx.Spec:
+    return SPEC if family == "bert" else DECODER_SPEC
+
+
+def build_model(layers: int = 2, family: str = "bert") -> torch.nn.Module:
+    import transformers
 
     torch.manual_seed(0)  # the same base model on every rank
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=64, num_labels=2,
-                        max_position_embeddings=32,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).double()
+    if family in DECODERS:
+        config_cls, model_cls = DECODERS[family]
+        config = getattr(transformers, config_cls)(
+            vocab_size=128, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+            use_cache=False)
+        return getattr(transformers, model_cls)(config).double()
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, num_labels=2, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).double()
 
 
-def global_batches(steps: int, batch: int, seq: int = 12) -> list[dict[str, torch.Tensor]]:
+def global_batches(steps: int, batch: int, seq: int = 12,
+                   family: str = "bert") -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1234)
-    return [{"input_ids": torch.randint(0, 128, (batch, seq), generator=gen),
-             "labels": torch.randint(0, 2, (batch,), generator=gen)} for _ in range(steps)]
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (batch, seq), generator=gen)
+        labels = ids if family in DECODERS else torch.randint(0, 2, (batch,), generator=gen)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
 
 
-def example_inputs() -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, 128, (3, 7)), "labels": torch.zeros(3, dtype=torch.long)}
+def example_inputs(family: str = "bert") -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 128, (3, 7))
+    return {"input_ids": ids,
+            "labels": ids if family in DECODERS else torch.zeros(3, dtype=torch.long)}
 
 
 def digest(tensors: list[torch.Tensor]) -> str:
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--checkpoint", action="store_true",
                         help="activation checkpointing on every block")
+    parser.add_argument("--family", default="bert", choices=["bert", *DECODERS])
+    parser.add_argument("--capture", default="auto", choices=["auto", "graph", "eager"])
     args = parser.parse_args(argv)
 
     dist.init_process_group(args.backend)
@@ -109,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "nccl":  # one GPU per process
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    tm = cbx.transform(build_model(args.layers).to(device), SPEC,
-                       example_kwargs=example_inputs(),
-                       checkpoint=True if args.checkpoint else None)
+    tm = cbx.transform(build_model(args.layers, args.family).to(device), spec_for(args.family),
+                       example_kwargs=example_inputs(args.family),
+                       checkpoint=True if args.checkpoint else None, capture=args.capture)
     full_bytes = param_bytes(tm)
     adapters = cbx.adapters(tm)
     mask_digest = digest([t for a in adapters.values() for t in (a.mask_A, a.mask_B)])
@@ -130,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = fully_shard(tm)
     peak = track_peak_param_bytes(tm)
     batches = [{k: v.to(device) for k, v in b.items()}
-               for b in global_batches(args.steps, args.batch)]
+               for b in global_batches(args.steps, args.batch, family=args.family)]
     train(engine, batches, rank, world, args.lr)
 
     if args.engine.startswith("fsdp2"):  # gather full tensors of the sharded parameters
@@ -143,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = {a.weight_fqn for a in adapters.values()}
     merged = {k: v.detach().contiguous() for k, v in cbx.merged_state_dict(tm).items()
               if k in targets}
-    cbx.fold(tm)  # the deploy module builds under sharding too
+    if not (tm.eager and args.engine.startswith("fsdp2")):
+        cbx.fold(tm)  # the deploy module builds under sharding too (graph path)
     digests = [None] * world
     dist.all_gather_object(digests, (mask_digest, init_digest, digest(list(state.values()))))
     if rank == 0:

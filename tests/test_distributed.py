@@ -39,11 +39,12 @@ def _torchrun(out: Path, engine: str, *extra: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def _single_process_reference(steps: int, batch: int, lr: float,
-                              layers: int = 2) -> dict[str, torch.Tensor]:
-    tm = cbx.transform(ddp_train.build_model(layers), ddp_train.SPEC,
-                       example_kwargs=ddp_train.example_inputs())
-    ddp_train.train(tm, ddp_train.global_batches(steps, batch), rank=0, world=1, lr=lr)
+def _single_process_reference(steps: int, batch: int, lr: float, layers: int = 2,
+                              family: str = "bert") -> dict[str, torch.Tensor]:
+    tm = cbx.transform(ddp_train.build_model(layers, family), ddp_train.spec_for(family),
+                       example_kwargs=ddp_train.example_inputs(family))
+    ddp_train.train(tm, ddp_train.global_batches(steps, batch, family=family), rank=0, world=1,
+                    lr=lr)
     return {n: p.detach() for n, p in tm.named_parameters() if p.requires_grad}
 
 
@@ -104,3 +105,29 @@ def test_per_block_fsdp2_with_checkpointing_matches_one_process(tmp_path: Path) 
     assert trained.keys() == reference.keys()
     for name, ref in reference.items():
         torch.testing.assert_close(trained[name], ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("family,engine,capture", [("llama", "fsdp2-blocks", "eager"),
+                                                   ("qwen2", "fsdp2-blocks", "graph")])
+def test_decoders_under_per_block_fsdp2_save_and_fold(family, engine, capture,
+                                                      tmp_path: Path) -> None:
+    """LLaMA/Qwen-style decoders, each transformer layer sharded (graph and eager paths):
+    training equals one process, and save_pretrained / merged_state_dict / fold gather what
+    they need, rank 0 writes, one process loads it back."""
+    summary = _torchrun(tmp_path, engine, "--steps", "2", "--family", family,
+                        "--capture", capture)
+    assert summary["masks_equal"] and summary["params_equal"]
+    from safetensors.torch import load_file
+
+    trained = load_file(tmp_path / "trained.safetensors")
+    reference = _single_process_reference(2, 8, 0.5, family=family)
+    assert trained.keys() == reference.keys() and trained
+    for name, ref in reference.items():
+        torch.testing.assert_close(trained[name], ref, rtol=1e-9, atol=1e-11)
+    back = cbx.load_adapter(ddp_train.build_model(2, family), tmp_path / "adapter",
+                            example_kwargs=ddp_train.example_inputs(family))
+    merged = load_file(tmp_path / "merged_targets.safetensors")
+    ref_merged = cbx.merged_state_dict(back)
+    assert set(merged) == {a.weight_fqn for a in cbx.adapters(back).values()}
+    for k, v in merged.items():
+        torch.testing.assert_close(v, ref_merged[k], rtol=1e-9, atol=1e-11)

@@ -74,6 +74,13 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
             "hold (nonlinear, or sequential after an op without bias); use fold() (it keeps "
             "one dense width-d·r adapter each)."
         )
+    if tm.eager and _sharded(tm):  # your model's own (sharded) modules: their state, merged
+        merged = merged_weights(tm)
+        out = {}
+        for k, v in getattr(tm, BASE).state_dict().items():
+            if ".capaboost." not in k:
+                out[k] = merged.get(k, v)
+        return out
     return _fold_shell(tm, merged_weights(tm)).state_dict()
 
 
@@ -154,6 +161,12 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
     return fm
 
 
+def _sharded(tm: CapaBoostModel) -> bool:
+    """Whether fully_shard (FSDP2) wrapped modules of the training module (they refuse to be
+    copied)."""
+    return any(type(m).__name__.startswith("FSDP") for m in getattr(tm, BASE).modules())
+
+
 def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
     """Fold of a training module that runs your model eagerly (``capture="eager"``): your
     model's structure with merged weights, run as it is; quantized targets become dense."""
@@ -164,4 +177,10 @@ def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
             "(nonlinear, or sequential after an op without bias); in eager mode fold needs "
             "adapters that merge into the weights."
         )
+    if _sharded(tm):
+        raise FoldError(
+            "this eager training module is sharded (fully_shard): its modules cannot be copied "
+            "into a deploy module. Use capaboost_fx.merged_state_dict(train_model) on every "
+            "rank and load it into an unsharded copy of your model, or save_pretrained and "
+            "load_adapter + fold on one process.")
     return FoldedModel(_fold_shell(tm, merged_weights(tm)), {}, eager=True)
