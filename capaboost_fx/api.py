@@ -494,22 +494,29 @@ def inspect(
     example_inputs: Any = (),
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
+    *,
+    capture: str = "auto",
 ) -> InspectReport:
     """What `transform(model, spec, ...)` would rewrite: one row per target (name, op,
     in/out features, rank, trainable and live parameters) and every other linear op with
     the reason it is left alone. With ``spec=None`` every candidate is listed as skipped.
+    On the eager path (``capture="eager"``, or a quantized model) the candidates are the
+    model's linear modules, and no example inputs are needed.
 
     Example:
         >>> print(cbx.inspect(model, spec, example_inputs=(ids,)))   # doctest: +SKIP
     """
     _check_model(model)
-    args, kwargs = _inputs(example_inputs, example_kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        twin = meta_twin(model)
-        captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
-    candidates = _all_candidates(twin, captured, probe)
+    if capture == "eager" or (capture == "auto" and quantized_weights(model)):
+        candidates: dict[str, Any] = find_modules(model)
+    else:
+        args, kwargs = _inputs(example_inputs, example_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = meta_twin(model)
+            captured = capture_graph(twin, "train", args, kwargs, dynamic_shapes)
+        candidates = _all_candidates(twin, captured, probe)
     selection = select(candidates, probe)
     report = InspectReport(unmatched_patterns=selection.unmatched if spec else [])
     for name, c in candidates.items():

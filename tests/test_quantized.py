@@ -182,3 +182,11 @@ def test_capture_graph_on_a_quantized_base_says_what_to_do() -> None:
     base = quantize_nf4(Net())
     with pytest.raises(cbx.CaptureError, match="capture='auto'"):
         cbx.transform(base, SPEC, (torch.randn(4, 256),), capture="graph")
+
+
+def test_inspect_lists_the_linear_modules_of_a_quantized_base() -> None:
+    report = cbx.inspect(quantize_nf4(Net()), SPEC)
+    assert sorted(t["name"] for t in report.targets) == ["down", "up"]
+    assert [s["name"] for s in report.skipped] == ["head"]
+    up = next(t for t in report.targets if t["name"] == "up")
+    assert up["in_features"] == up["out_features"] == 256 and up["trainable_params"] == 2048
