@@ -31,6 +31,7 @@ from .passes.capture import (
     capture_graph,
     copy_graph,
     meta_twin,
+    model_frame,
     replace_tensor,
     shared_shell,
     to_meta,
@@ -346,8 +347,11 @@ def transform(
             if capture == "graph" or not _runs_eagerly(model, example_inputs, example_kwargs):
                 raise
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            reason = "torch.export could not capture the model: " + (
-                lines[1] if len(lines) > 1 else lines[0] if lines else type(e.__cause__).__name__)
+            first = next((ln for ln in lines[1:] if not ln.startswith("in the model's code")),
+                         type(e.__cause__).__name__)
+            where = model_frame(e)
+            reason = f"torch.export could not capture the model ({first})" + (
+                f" at {where}" if where else "")
             warnings.warn(CapaBoostWarning(
                 f"{reason}. capaboost_fx trains it eagerly instead (capture='eager': the same "
                 "adapters on its linear modules, the same fold and files; no per-block "
