@@ -261,7 +261,7 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
     if variant is None:
         variant = Variant(key, captured.in_spec, captured.out_spec,
                           example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
-                          bound=captured.bound)
+                          bound=captured.bound, fixed=captured.fixed)
     _add_graph(tm, variant, captured)
     if tm.capture_info.get("transform_seconds") is None:  # still inside transform
         tm.capture_info["export_seconds"] = round(
@@ -269,7 +269,8 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
     else:
         tm.capture_info.setdefault("later_captures", []).append(
             {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
-             "seconds": round(time.perf_counter() - t0, 3)})
+             "seconds": round(time.perf_counter() - t0, 3),
+             "fixed_sizes": variant.fixed_names()})
     return variant
 
 
@@ -442,7 +443,8 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
     shell.train(model.training)
     tm = CapaBoostModel(shell, {}, spec, info, twin)
     variant = Variant(0, captured.in_spec, captured.out_spec,
-                      example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound)
+                      example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound,
+                      fixed=captured.fixed)
     _add_graph(tm, variant, captured)
     tm._add_variant(variant)
     if "eval" in modes:

@@ -88,6 +88,23 @@ class Variant:
     example: tuple = ((), {})  # meta copies of the inputs it was captured with
     bound: dict[str, Any] = field(default_factory=dict)  # tensor-free kwargs baked in
     autocast: tuple | None = None  # the torch.autocast state it was captured under
+    fixed: dict = field(default_factory=dict)  # {(flat input, dim): size} the model fixed
+
+    def fixed_names(self) -> dict[str, int]:
+        """``{"input_ids.shape[1]": 8}``: the fixed dims by the captured inputs' names."""
+        graph = next(iter(self.graphs.values()), None)
+        names = [n.name for n in graph.find_nodes(op="placeholder")] if graph else []
+        return {f"{names[i] if i < len(names) else f'input {i}'}.shape[{d}]": n
+                for (i, d), n in self.fixed.items()}
+
+    def fits(self, args: tuple, kwargs: dict) -> bool:
+        """The sizes the model's code fixed at capture are this call's sizes too."""
+        if not self.fixed:
+            return True
+        kwargs = {k: v for k, v in kwargs.items() if k not in self.bound}
+        flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
+        return all(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() > d
+                   and flat[i].shape[d] == n for (i, d), n in self.fixed.items())
 
     def compile(self) -> None:
         for mode, g in self.graphs.items():
@@ -223,10 +240,12 @@ class GraphProgram(_Unpicklable, nn.Module):
         ``torch.autocast`` state: an export bakes its casts in), captured now if missing."""
         mode = mode or self.mode()
         state = autocast_state()
-        found = next((v for v in self._variants
-                      if v.autocast == state and v.matches(args, kwargs)), None)
+        same = [v for v in self._variants if v.autocast == state and v.matches(args, kwargs)]
+        found = next((v for v in same if v.fits(args, kwargs)), None)
         if found is not None and mode in found.fns:
             return found
+        if found is None and same:
+            self._check_new_shape(same)
         if self._build is None:
             raise InputError(
                 f"{type(self).__name__} holds no graph for this call in {mode} mode and cannot "
@@ -236,6 +255,23 @@ class GraphProgram(_Unpicklable, nn.Module):
         variant.autocast = state
         self._add_variant(variant)
         return variant
+
+    MAX_SHAPES = 8  # graphs per call structure for sizes the model's code fixes
+
+    def _check_new_shape(self, same: list[Variant]) -> None:
+        """A call whose sizes differ where the model's code fixed them at capture: allowed
+        (a graph for them is captured once), warned about once, bounded."""
+        fixed = sorted({k for v in same for k in v.fixed_names()})
+        if len(same) >= self.MAX_SHAPES:
+            raise InputError(
+                f"the model's code fixes {fixed} while captured, and {len(same)} sizes there "
+                "have graphs already; pad or bucket these inputs to a few sizes.")
+        if not self.__dict__.get("_warned_shapes"):
+            self.__dict__["_warned_shapes"] = True
+            warnings.warn(
+                f"the model's code fixed {fixed} to the captured size; this call has another "
+                "size there, so a graph is captured for it now (seconds, once per size, at most "
+                f"{self.MAX_SHAPES}; listed in capture_info['later_captures']).", stacklevel=4)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = self.mode()

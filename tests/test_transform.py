@@ -215,3 +215,76 @@ def test_fold_a_model_that_stores_sizes_and_tensors_on_self() -> None:
         assert (tm(y) - model(y)).abs().max() > 1e-4
     assert "seq_len" not in vars(model) or model.seq_len == 7  # only eager calls store it
     assert set(state) == set(model.state_dict())
+
+
+class FixesItsSequence(torch.nn.Module):
+    """Reads the sequence length as a Python int (as Funnel and Mamba do): export fixes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(1, 32, 8))
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[1])
+        return self.fc(x + self.pos[:, :n]).mean(1)
+
+
+def test_a_dim_the_model_fixes_gets_a_graph_per_size() -> None:
+    import warnings
+
+    import capaboost_fx as cbx
+
+    model = FixesItsSequence()
+    with pytest.warns(UserWarning, match=r"shape\[1\] == 5.*model's own code fixes"):
+        tm = cbx.transform(model, cbx.Spec(targets=["fc"], rank=2), (torch.randn(3, 5, 8),))
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_()
+    tm.eval()
+    x = torch.randn(4, 9, 8)
+    with pytest.warns(UserWarning, match="captured for it now"):
+        y = tm(x)
+    ref = model(x) + 0  # the eager model plus the adapter, computed independently
+    a = cbx.adapters(tm)["fc"]
+    h = x + model.pos[:, :9]
+    delta = sum(h @ (a.A * a.mask_A[i]).T @ (a.B * a.mask_B[i]).T for i in range(a.num_masks))
+    torch.testing.assert_close(y, ref + (a.scaling * delta).mean(1), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same size again: no capture, no warning
+        tm(torch.randn(2, 9, 8))
+    sizes = [c["fixed_sizes"] for c in tm.capture_info["later_captures"]]
+    assert {"x.shape[1]": 9} in sizes
+    folded = cbx.fold(tm)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(torch.randn(2, 11, 8)).shape, torch.Size([2, 8]))
+    tm.MAX_SHAPES = 3
+    with pytest.raises(cbx.InputError, match="pad or bucket"):
+        for n in (12, 13, 14, 15):
+            tm(torch.randn(2, n, 8))
+
+
+def test_funnel_fixes_its_sequence_and_still_takes_any_length() -> None:
+    import transformers
+
+    import capaboost_fx as cbx
+
+    torch.manual_seed(0)
+    cfg = transformers.FunnelConfig(vocab_size=64, block_sizes=[1, 1], d_model=32, n_head=4,
+                                    d_head=8, d_inner=64, num_labels=2)
+    model = transformers.FunnelForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.warns(UserWarning, match=r"input_ids.shape\[1\] == 8"):
+        tm = cbx.transform(model, cbx.Spec(targets=["*.q_head", "*.v_head"], rank=4),
+                           example_kwargs={"input_ids": ids})
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_()
+    tm.eval()
+    x = torch.randint(0, 64, (3, 12))
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"input_ids.shape\[1\]"):
+        y = tm(input_ids=x).logits
+    folded = cbx.fold(tm)  # the model stores self.seq_len in forward: fold still copies it
+    with torch.no_grad():
+        torch.testing.assert_close(folded(input_ids=x).logits, y, rtol=1e-5, atol=1e-5)
+        assert (y - model(input_ids=x).logits).abs().max() > 1e-4

@@ -67,6 +67,8 @@ class Captured:
     checkpointed: list[str] = field(default_factory=list)  # modules run under checkpoint
     seconds: float = 0.0
     bound: dict[str, Any] = field(default_factory=dict)  # tensor-free kwargs baked in
+    # {(flat input index, dim): size}: dims asked to be dynamic that the model's code fixed
+    fixed: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- state copies
@@ -480,15 +482,37 @@ def capture_graph(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic
     if not user_shapes:
         dynamic_shapes = default_dynamic_shapes(twin, args, split_static_kwargs(kwargs)[1])
     captured = export_graph(twin, mode, args, kwargs, dynamic_shapes, tag)
-    fixed = specialized_dims(captured)
-    if fixed and not user_shapes and warn:
-        warnings.warn(
-            f"the capture fixed {fixed} to the example's size, so other sizes will be refused. "
-            "Use example inputs with batch >= 2 and sequence >= 2 (and batch != sequence), or "
-            "pass dynamic_shapes=...",
-            stacklevel=4,
-        )
+    if user_shapes:
+        return captured  # what the user fixed stays fixed: other sizes get an InputError
+    captured.fixed = fixed_dims(captured.graph)
+    names = specialized_dims(captured)
+    if names and warn:
+        sizes = [int(n.rpartition("== ")[2]) for n in names]
+        if 1 in sizes or len(set(sizes)) < len(sizes):
+            hint = ("Use example inputs with batch >= 2 and sequence >= 2 (and batch != "
+                    "sequence), or pass dynamic_shapes=...")
+        else:
+            hint = ("The model's own code fixes them (e.g. a size read as a Python int): a "
+                    "call with other sizes there captures a graph for them once, on first use "
+                    "(seconds each, up to 8 sizes).")
+        warnings.warn(f"the capture fixed {names} to the example's size. {hint}",
+                      stacklevel=4)
     return captured
+
+
+def fixed_dims(graph: fx.Graph) -> dict[tuple[int, int], int]:
+    """``{(flat input index, dim): size}`` for dims 0 and 1 of tensor inputs that came out
+    of capture as constants (asked dynamic, fixed by the model's code)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    out = {}
+    for i, node in enumerate(graph.find_nodes(op="placeholder")):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for d in range(min(val.dim(), 2)):
+                if is_concrete_int(val.shape[d]):
+                    out[(i, d)] = int(val.shape[d])
+    return out
 
 
 
@@ -526,11 +550,14 @@ class InputGuard:
 
 
 def specialized_dims(captured: Captured) -> list[str]:
-    """Tensor inputs whose dim 0 or 1 the capture fixed to the example's size."""
+    """Tensor inputs whose dim 0 or 1 the capture fixed to the example's size (a constant,
+    or a symbolic size with a constant value), as readable names."""
+    nodes = list(captured.graph.find_nodes(op="placeholder"))
     out = []
-    for node in captured.graph.nodes:
-        fake = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(fake, torch.Tensor):
-            out += [f"{node.name}.shape[{d}] == {fake.shape[d]}"
-                    for d in range(min(fake.dim(), 2)) if isinstance(fake.shape[d], int)]
+    for (i, d), size in captured.fixed.items():
+        val = nodes[i].meta["val"]
+        # dim 1 of a float input other than (batch, seq, features) is a feature or channel
+        # dim that models fix by design: not worth a warning
+        if d == 0 or not val.is_floating_point() or val.dim() == 3:
+            out.append(f"{nodes[i].name}.shape[{d}] == {size}")
     return out

@@ -111,7 +111,8 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
     for k, v in captured.constants.items():
         fm.capaboost_constants.register_buffer(k, v, persistent=False)
     return Variant(key, captured.in_spec, captured.out_spec, graphs={"eval": captured.graph},
-                   example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound)
+                   example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound,
+                   fixed=captured.fixed)
 
 
 def fold(train_model: CapaBoostModel, example_inputs: Any = (),
@@ -147,7 +148,8 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
         memo = {id(v.in_spec): v.in_spec, id(v.out_spec): v.out_spec}
         variants.append(Variant(v.key, v.in_spec, v.out_spec,
                                 graphs={"eval": _deploy_graph(v.flat["eval"], memo, nonlinear)},
-                                example=v.example, bound=v.bound, autocast=v.autocast))
+                                example=v.example, bound=v.bound, autocast=v.autocast,
+                                fixed=v.fixed))
     constants = _constants_of([v.graphs["eval"] for v in variants], tm)
     fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
     object.__setattr__(fm, "_twin", tm._twin)
