@@ -53,6 +53,7 @@ from capaboost_fx.onnx.shapes import (
 )
 from capaboost_fx.onnx.shapes import output_names as default_output_names
 from capaboost_fx.onnx.stats import external_locations, load_proto, onnx_stats
+from capaboost_fx.onnx.translations import translation_table
 from capaboost_fx.onnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyResult, verify_onnx
 from capaboost_fx.passes.capture import bind_static, split_static_kwargs
 
@@ -193,6 +194,7 @@ def _export_program(
                 input_names=list(input_names) if input_names is not None else None,
                 output_names=names,
                 optimize=True,
+                custom_translation_table=translation_table(),
             )
         except Exception as e:
             text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its text

@@ -1,0 +1,64 @@
+"""MoE decoders and a multimodal model to ONNX: ops torch.onnx lacks (the experts' grouped
+matmul, LLaVA's input checks) get translations (capaboost_fx.onnx.translations); the folded
+MoE graph equals the base model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import capaboost_fx as cbx
+
+MOE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+           num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           shared_expert_intermediate_size=32, use_cache=False)
+
+
+def _fold_nonzero(model, spec, **example):
+    tm = cbx.transform(model, spec, **example)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.5)
+    return tm, cbx.fold(tm)
+
+
+@pytest.mark.parametrize("family", ["Qwen2Moe", "Mixtral"])
+def test_moe_decoder_exports_and_equals_the_base_graph(family, tmp_path) -> None:
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**MOE)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    tm, folded = _fold_nonzero(model, cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=4),
+                               example_inputs=(ids,))
+    with torch.no_grad():
+        assert (folded(ids).logits - model(ids).logits).abs().max() > 1e-3
+    report = cbx.export_onnx(folded, tmp_path / "folded.onnx", example_inputs=(ids,))
+    assert report.max_abs_diff < 1e-4
+    if family == "Qwen2Moe":  # one family is enough for the graph comparison (time)
+        base = cbx.export_onnx(model, tmp_path / "base.onnx", example_inputs=(ids,))
+        assert cbx.compare_onnx(base.path, report.path).same_graph
+
+
+def test_llava_exports_past_its_input_checks(tmp_path) -> None:
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=16, patch_size=8, projection_dim=32)
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64,
+                                    use_cache=False)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=63,
+        vision_feature_layer=-1)).eval()
+    ids = torch.randint(0, 60, (2, 10))
+    ids[:, 1:5] = 63  # 4 image tokens: (16 / 8)^2 patches
+    batch = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+    spec = cbx.Spec(targets=["*.language_model.*.q_proj", "*.language_model.*.v_proj"], rank=4)
+    with pytest.warns(UserWarning, match=r"pixel_values.shape\[0\] == 2"):
+        _, folded = _fold_nonzero(model, spec, example_kwargs=batch)
+    report = cbx.export_onnx(folded, tmp_path / "llava.onnx", example_kwargs=batch)
+    assert report.max_abs_diff < 1e-4
