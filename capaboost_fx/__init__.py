@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .adapter import CapaBoostAdapter
-from .analysis import rank_report, report
+from .analysis import rank_report
 from .api import InspectReport, inspect, transform
 from .errors import (
     AdapterFileError,
@@ -56,7 +56,6 @@ __all__ = [
     "read_header",
     "register_mask",
     "rank_report",
-    "report",
     "to_peft_lora",
     "export_onnx",
     "verify_onnx",
@@ -89,12 +88,3 @@ __all__ = [
     "__version__",
 ]
 
-
-def __getattr__(name: str):
-    # The deprecated modules capaboost_fx.runtime and capaboost_fx.onnx_export (now
-    # capaboost_fx.onnx) stay reachable as attributes, as they were when imported eagerly.
-    if name in ("runtime", "onnx_export"):
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

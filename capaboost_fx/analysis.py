@@ -40,14 +40,3 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
             "singular_values": sv[:top].tolist() if top else sv.tolist(),
         }
     return out
-
-
-
-
-def report(train_model: Any, top: int | None = None) -> dict[str, dict[str, Any]]:
-    """Deprecated alias of `rank_report`."""
-    import warnings
-
-    warnings.warn("capaboost_fx.report is deprecated; use capaboost_fx.rank_report",
-                  DeprecationWarning, stacklevel=2)
-    return rank_report(train_model, top)

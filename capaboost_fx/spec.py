@@ -328,15 +328,6 @@ class Spec:
         """The scale s of this spec's own settings (overrides not applied), per `scaling`."""
         return scaling_factor(self.alpha, self.rank, self.num_masks, self.density, self.scaling)
 
-    def selects(self, name: str) -> bool:
-        """Deprecated: `capaboost_fx.inspect` reports what a spec selects, with reasons."""
-        import warnings
-
-        warnings.warn("Spec.selects is deprecated; use capaboost_fx.inspect(model, spec, ...)",
-                      DeprecationWarning, stacklevel=2)
-        return any(pattern_matches(p, name) for p in self.targets) and not any(
-            pattern_matches(p, name) for p in self.exclude)
-
     def for_target(self, name: str) -> Spec:
         """The settings that apply to target `name`: this spec with every matching override
         applied in order (later entries win)."""

@@ -24,7 +24,6 @@ from capaboost_fx.onnx import (
     export_onnx,
     onnx_stats,
     open_session,
-    optimize_transformer,
     verify_onnx,
 )
 
@@ -215,37 +214,6 @@ def test_corrupted_initializer_fails_verification(exported, tmp_path):
     assert ok.max_abs_diff < 1e-4 and len(ok.shapes) == 2
     with pytest.raises(VerificationError, match=r"output 'logits'.*max abs diff"):
         verify_onnx(bad, family["base"], args, kwargs)
-
-
-def test_bert_fusions_match_between_base_and_perturbed(exported, tmp_path):
-    """optimize_transformer (onnxruntime.transformers.optimizer) on the exporter's plain graph."""
-    family = exported("bert")
-    args, kwargs = family["args"], family["kwargs"]
-    plain = {}
-    for key in ("base", "other"):
-        plain[key] = export_onnx(
-            family[key], tmp_path / f"{key}.plain.onnx", args, kwargs, optimize="none"
-        ).path
-    kw = {"num_heads": 4, "hidden_size": 32}
-    with pytest.warns(DeprecationWarning, match="optimize='ort'"):
-        fused_base = optimize_transformer(plain["base"], tmp_path / "b.onnx", "bert", **kw)
-    fused_other = optimize_transformer(plain["other"], tmp_path / "o.onnx", "bert", **kw)
-    assert fused_base == fused_other
-    # What fuses on the dynamo exporter's graph (see optimize_transformer's docstring).
-    assert fused_base == {"BiasGelu": 2, "LayerNormalization": 1, "SkipLayerNormalization": 4}
-    assert compare_onnx(tmp_path / "b.onnx", tmp_path / "o.onnx", latency=False).same_graph
-    feeds = [*args, *kwargs.values()]
-    for path, module in (
-        (tmp_path / "b.onnx", family["base"]),
-        (tmp_path / "o.onnx", family["other"]),
-    ):
-        got = open_session(path, providers="cpu").run(feeds)["logits"]
-        with torch.no_grad():
-            want = module(*args, **kwargs).logits
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
-
-
-# --------------------------------------------------------------------------- small models
 
 
 class MLP(nn.Module):

@@ -5,7 +5,6 @@ graph as fallback, one latency timer, and the deprecated module paths."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import warnings
 from pathlib import Path
@@ -234,25 +233,6 @@ def test_unknown_options_are_refused(tmp_path):
         export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx", (torch.ones(2, 2),), quantize="int4")
 
 
-@pytest.mark.parametrize(
-    "module, name, home",
-    [
-        ("capaboost_fx.onnx_export", "export_onnx", "capaboost_fx.onnx.export"),
-        ("capaboost_fx.onnx_export", "compare_onnx", "capaboost_fx.onnx.stats"),
-        ("capaboost_fx.onnx_export", "optimize_transformer", "capaboost_fx.onnx.optimize"),
-        ("capaboost_fx.runtime", "open_session", "capaboost_fx.onnx.runtime"),
-        ("capaboost_fx.runtime", "synthesize_inputs", "capaboost_fx.onnx.runtime"),
-    ],
-)
-def test_old_module_paths_still_work_and_warn(module, name, home):
-    old = importlib.import_module(module)
-    with pytest.warns(DeprecationWarning, match=rf"{module}\.{name} is deprecated; use {home}"):
-        value = getattr(old, name)
-    assert value is getattr(importlib.import_module(home), name)
-    with pytest.raises(AttributeError):
-        old.no_such_name  # noqa: B018
-
-
 def test_top_level_names_come_from_the_package_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
@@ -261,5 +241,5 @@ def test_top_level_names_come_from_the_package_without_warnings():
 
         assert cbx.export_onnx is export_onnx and cbx.verify_onnx is verify_onnx
         assert cbx.ExportReport is ExportReport and cbx.CompareReport is CompareReport
-    with pytest.warns(DeprecationWarning):
-        cbx.runtime.open_session  # noqa: B018
+    for gone in ("runtime", "onnx_export", "report"):  # no shims at 0.1
+        assert not hasattr(cbx, gone)

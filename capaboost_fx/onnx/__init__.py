@@ -6,7 +6,7 @@
 | `verify` | `verify_onnx`: onnxruntime vs PyTorch at two shapes and two optimization levels |
 | `stats` | `onnx_stats`, `compare_onnx`: one implementation of ONNX file statistics |
 | `runtime` | `open_session` (honest provider choice), `measure_latency` (the one latency timer) |
-| `optimize` | `fuse_for_ort`, `quantize_int8`, `optimize_transformer` |
+| `optimize` | `fuse_for_ort`, `quantize_int8` |
 | `shapes` | `auto_dynamic_shapes`, `axis_names` (``batch``, ``sequence``) |
 | `genai` | `export_genai`: decoder LLMs via onnxruntime-genai (optional; import it directly) |
 
@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 from capaboost_fx.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportReport, export_onnx
-from capaboost_fx.onnx.optimize import fuse_for_ort, optimize_transformer, quantize_int8
+from capaboost_fx.onnx.optimize import fuse_for_ort, quantize_int8
 from capaboost_fx.onnx.runtime import (
     LatencyStats,
     Session,
@@ -52,7 +52,6 @@ __all__ = [
     "measure_latency",
     "onnx_stats",
     "open_session",
-    "optimize_transformer",
     "quantize_int8",
     "resolve_providers",
     "synthesize_inputs",

@@ -5,9 +5,8 @@
   embeddings, ... (onnxruntime contrib operators). `export_onnx` applies it by default.
 - `quantize_int8`: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
   quantized at run time): MatMul -> MatMulInteger / DynamicQuantizeLinear.
-- `optimize_transformer` (deprecated): ``onnxruntime.transformers.optimizer`` on a file. On
-  dynamo-exported graphs it misses Attention, which `fuse_for_ort` finds (benchmarks/README.md,
-  "Deploy").
+- `ort_optimizer`: ``onnxruntime.transformers.optimizer`` for the TorchScript exporter's graphs
+  (on dynamo-exported graphs it misses Attention, which `fuse_for_ort` finds).
 
 Example::
 
@@ -19,9 +18,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +28,8 @@ from capaboost_fx.errors import (
     ExportError,
     InputError,
     MissingDependencyError,
-    OnnxFileNotFoundError,
 )
-from capaboost_fx.onnx.stats import load_proto, onnx_stats
+from capaboost_fx.onnx.stats import onnx_stats
 
 # Weights above this go to an external data file next to the model. Protobuf cannot serialise a
 # message over 2 GiB; torch's exporter switches at the same 1.5 GiB to leave room for the graph.
@@ -40,7 +38,7 @@ EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 OPTIMIZE = ("ort", "none", "fastest", "torchscript", "torchscript+ort")
 QUANTIZE = (None, "int8")
 
-__all__ = ["OPTIMIZE", "QUANTIZE", "fuse_for_ort", "optimize_transformer", "quantize_int8"]
+__all__ = ["OPTIMIZE", "QUANTIZE", "fuse_for_ort", "quantize_int8"]
 
 
 def check_options(optimize: Any, quantize: Any) -> tuple[str, str | None]:
@@ -139,91 +137,33 @@ def quantize_int8(
 
 def ort_optimizer() -> tuple[dict, Any]:
     """``(MODEL_TYPES, optimize_model)`` of ``onnxruntime.transformers.optimizer``, or
-    `MissingDependencyError`."""
+    `MissingDependencyError`. Its modules import each other as top-level modules from their
+    own folder, so that folder is on ``sys.path`` while they import and run, and only then."""
+    import sys
+
     try:
-        import sys
-
         import onnxruntime.transformers as ort_transformers
-
-        # Its modules import each other as top-level modules from a path entry its __init__
-        # adds once; code that restores sys.path afterwards (test fixtures, notebooks) drops it.
-        folder = os.path.dirname(ort_transformers.__file__)
-        if folder not in sys.path:
-            sys.path.append(folder)
-        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MissingDependencyError(f"onnxruntime.transformers is not available: {e}") from e
-    return MODEL_TYPES, optimize_model
+    folder = os.path.dirname(ort_transformers.__file__)
 
+    @contextlib.contextmanager
+    def on_path() -> Iterator[None]:
+        added = folder not in sys.path
+        if added:
+            sys.path.append(folder)
+        try:
+            yield
+        finally:
+            if added and folder in sys.path:
+                sys.path.remove(folder)
 
-def optimize_transformer(
-    path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    model_type: str = "bert",
-    num_heads: int = 0,
-    hidden_size: int = 0,
-    opt_level: int = 0,
-    use_gpu: bool = False,
-) -> dict[str, int]:
-    """Deprecated: `export_onnx` fuses by default (``optimize="ort"``), and finds more.
+    with on_path():
+        from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
 
-    Applies onnxruntime's transformer fusions to `path`, writes `out_path`, returns fused op
-    counts. On the dynamo exporter's graphs it misses Attention, which `fuse_for_ort` finds
-    (measured in benchmarks/bench_deploy.py); for graphs from other exporters call
-    ``onnxruntime.transformers.optimizer.optimize_model`` directly.
+    @functools.wraps(optimize_model)
+    def optimize(*args: Any, **kwargs: Any) -> Any:
+        with on_path():
+            return optimize_model(*args, **kwargs)
 
-    A thin wrapper over ``onnxruntime.transformers.optimizer.optimize_model``. `num_heads` and
-    `hidden_size` 0 let the optimizer infer them. `opt_level` 0 applies only the fusions (no
-    hardware-specific onnxruntime graph optimisations baked into the file). Returns the fused
-    operators that occur (e.g. ``{"SkipLayerNormalization": 4, "BiasGelu": 2}``); a base model and
-    its fold must give the same counts.
-
-    Measured on onnxruntime 1.32 with graphs from the torch 2.13 dynamo exporter (BERT):
-    SkipLayerNormalization, LayerNormalization and BiasGelu fuse; Attention and
-    EmbedLayerNormalization do not (their patterns follow the TorchScript exporter's graphs).
-
-    Example::
-
-        fused = optimize_transformer("bert.onnx", "bert.opt.onnx", "bert", num_heads=12,
-                                     hidden_size=768)
-    """
-    warnings.warn(
-        "optimize_transformer is deprecated: export_onnx applies onnxruntime's fusions by "
-        "default (optimize='ort'), Attention included; for other exporters' graphs call "
-        "onnxruntime.transformers.optimizer.optimize_model directly",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    MODEL_TYPES, optimize_model = ort_optimizer()
-    if model_type not in MODEL_TYPES:
-        raise InputError(f"model_type={model_type!r}; onnxruntime knows {sorted(MODEL_TYPES)}")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise OnnxFileNotFoundError(
-            f"ONNX file not found: {path}; check the path (export it first with capaboost_fx.export_onnx)."
-        )
-    ort_logger = logging.getLogger("onnxruntime.transformers")
-    level = ort_logger.level
-    ort_logger.setLevel(logging.WARNING)  # the optimizer logs every fusion at INFO
-    try:
-        model = optimize_model(
-            path,
-            model_type=model_type,
-            num_heads=num_heads,
-            hidden_size=hidden_size,
-            opt_level=opt_level,
-            use_gpu=use_gpu,
-        )
-        big = (
-            load_proto(path).ByteSize() + onnx_stats(path).initializer_bytes
-            > EXTERNAL_DATA_THRESHOLD
-        )
-        model.save_model_to_file(os.fspath(out_path), use_external_data_format=big)
-        stats = model.get_fused_operator_statistics()
-    except (ExportError, InputError, OnnxFileNotFoundError):
-        raise
-    except Exception as e:
-        raise ExportError(f"onnxruntime transformer optimizer failed on {path}: {e}") from e
-    finally:
-        ort_logger.setLevel(level)
-    return {op: int(n) for op, n in stats.items() if n}
+    return MODEL_TYPES, optimize
