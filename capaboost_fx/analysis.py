@@ -16,9 +16,10 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
     The numerical rank counts singular values above ``σ_max · max(out, in) · eps(float64)``
     (the ``torch.linalg.matrix_rank`` default), computed in float64.
 
-    Example:
-        >>> capaboost_fx.rank_report(train_model)["bert.encoder.layer.0.attention.self.query"]["rank"]  # doctest: +SKIP
-        16
+    Example::
+
+        report = capaboost_fx.rank_report(train_model)
+        report["bert.encoder.layer.0.attention.self.query"]  # {'rank': 32, 'max_rank': 32, ...}
     """
     out = {}
     for name, a in adapters(train_model).items():

@@ -299,7 +299,9 @@ def export_onnx(
             eager ``nn.Module`` (run in eval mode for the export, its mode restored after).
         path: the .onnx file to write. Written atomically: an existing file stays untouched if
             anything fails, and no temporary files are left behind.
-        example_inputs, example_kwargs: inputs as the module's forward takes them.
+        example_inputs: positional inputs, as the module's forward takes them.
+        example_kwargs: keyword inputs; tensor-free ones (``use_cache=False``) are fixed in
+            the graph, not inputs of the file.
         dynamic_shapes: as for ``torch.export``. Default: `auto_dynamic_shapes` (batch and
             sequence dims dynamic), limited to the dims the module is seen to accept (a
             ``torch.export`` capture without dynamic shapes runs only at its example's shapes:
@@ -310,8 +312,9 @@ def export_onnx(
         verify: compare onnxruntime with PyTorch at the example shape and a second shape, with
             onnxruntime's graph optimizations on and off; a difference beyond
             ``atol + rtol * |torch|`` raises `VerificationError` (int8: reported, not raised).
-        input_names, output_names: graph input/output names. Output names default to the
-            model output's structure (``logits``; ``output_0``, ``output_1`` for tuples).
+        input_names: graph input names (default: the forward's argument names).
+        output_names: graph output names; default: the model output's structure
+            (``logits``; ``output_0``, ``output_1`` for tuples).
         external_data: store weights in ``<path>.data`` (default: when they exceed
             `external_data_threshold` bytes; protobuf cannot hold 2 GiB).
         providers: onnxruntime providers for verification ("auto": CUDA when usable).
