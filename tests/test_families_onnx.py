@@ -67,3 +67,45 @@ def test_llava_exports_past_its_input_checks(tmp_path) -> None:
         _, folded = _fold_nonzero(model, spec, example_kwargs=batch)
     report = cbx.export_onnx(folded, tmp_path / "llava.onnx", example_kwargs=batch)
     assert report.max_abs_diff < 1e-4
+
+
+SEQ2SEQ = {
+    "t5": ("T5ForConditionalGeneration", "T5Config", ["*.q", "*.v"],
+           dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                decoder_start_token_id=0)),
+    "mt5": ("MT5ForConditionalGeneration", "MT5Config", ["*.q", "*.v"],
+            dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 decoder_start_token_id=0)),
+    "bart": ("BartForConditionalGeneration", "BartConfig", ["*.q_proj", "*.v_proj"],
+             dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  max_position_embeddings=64)),
+    "whisper": ("WhisperForConditionalGeneration", "WhisperConfig", ["*.q_proj", "*.v_proj"],
+                dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                     num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+                     decoder_start_token_id=1, pad_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_encoder_decoders_export_and_verify(name, tmp_path) -> None:
+    """T5, mT5, BART, Whisper (their KV cache on by default: exported with use_cache=False)."""
+    model_cls, config_cls, targets, cfg = SEQ2SEQ[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        vocab_size=64, **cfg)).eval()
+    dec = torch.randint(3, 60, (2, 5))
+    first = ({"input_features": torch.randn(2, 8, 32)} if name == "whisper"
+             else {"input_ids": torch.randint(3, 60, (2, 8))})
+    batch = {**first, "decoder_input_ids": dec}
+    tm = cbx.transform(model, cbx.Spec(targets=targets, rank=4), example_kwargs=batch)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.1)
+    folded = cbx.fold(tm)
+    with torch.no_grad():
+        assert (folded(**batch).logits - model(**batch).logits).abs().max() > 1e-4
+    report = cbx.export_onnx(folded, tmp_path / f"{name}.onnx", example_kwargs=batch)
+    assert report.max_abs_diff < 1e-4
