@@ -67,13 +67,7 @@ def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     merged target weights are new tensors; the rest share storage with the training module
     (and, for frozen weights, with your model)."""
     tm = require_training(train_model, "merged_state_dict()")
-    nonlinear = [n for n, a in adapters(tm).items() if not foldable(a)]
-    if nonlinear:
-        raise FoldError(
-            f"targets {nonlinear[:3]} use an adapter that no weight of the original model can "
-            "hold (nonlinear, or sequential after an op without bias); use fold() (it keeps "
-            "one dense width-d·r adapter each)."
-        )
+    _refuse_nonlinear(tm, "use fold() (it keeps one dense width-d·r adapter each)")
     if tm.eager and _sharded(tm):  # your model's own (sharded) modules: their state, merged
         merged = merged_weights(tm)
         out = {}
@@ -163,6 +157,14 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
     return fm
 
 
+def _refuse_nonlinear(tm: CapaBoostModel, what_to_do: str) -> None:
+    nonlinear = [n for n, a in adapters(tm).items() if not foldable(a)]
+    if nonlinear:
+        raise FoldError(
+            f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
+            f"(nonlinear, or sequential after an op without bias); {what_to_do}.")
+
+
 def _sharded(tm: CapaBoostModel) -> bool:
     """Whether fully_shard (FSDP2) wrapped modules of the training module (they refuse to be
     copied)."""
@@ -172,13 +174,7 @@ def _sharded(tm: CapaBoostModel) -> bool:
 def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
     """Fold of a training module that runs your model eagerly (``capture="eager"``): your
     model's structure with merged weights, run as it is; quantized targets become dense."""
-    nonlinear = [n for n, a in adapters(tm).items() if not foldable(a)]
-    if nonlinear:
-        raise FoldError(
-            f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
-            "(nonlinear, or sequential after an op without bias); in eager mode fold needs "
-            "adapters that merge into the weights."
-        )
+    _refuse_nonlinear(tm, "in eager mode fold needs adapters that merge into the weights")
     if _sharded(tm):
         raise FoldError(
             "this eager training module is sharded (fully_shard): its modules cannot be copied "
