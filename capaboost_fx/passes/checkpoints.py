@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
+
+_PATCH_LOCK = threading.RLock()
 
 
 class CheckpointRecorder:
@@ -61,21 +64,27 @@ class CheckpointRecorder:
                 recorder._record(function)
                 return function(*args)
 
-        handles = [nn.modules.module.register_module_forward_pre_hook(pre),
-                   nn.modules.module.register_module_forward_hook(post)]
-        # `checkpoint()` looks these up at call time, so a region runs its function plainly
-        # and is recorded, however the user reached checkpoint (import, functools.partial).
-        saved = (torch_checkpoint._checkpoint_without_reentrant_generator,
-                 torch_checkpoint.CheckpointFunction)
-        torch_checkpoint._checkpoint_without_reentrant_generator = without_reentrant
-        torch_checkpoint.CheckpointFunction = Reentrant
-        try:
-            yield
-        finally:
-            (torch_checkpoint._checkpoint_without_reentrant_generator,
-             torch_checkpoint.CheckpointFunction) = saved
-            for h in handles:
-                h.remove()
+        if not hasattr(torch_checkpoint, "_checkpoint_without_reentrant_generator"):
+            yield  # another torch: no recording (the private names moved); capture goes on
+            return
+        # Process-global while it lasts (global hooks, patched torch internals): one capture
+        # at a time, whatever thread calls it.
+        with _PATCH_LOCK:
+            handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+                       nn.modules.module.register_module_forward_hook(post)]
+            # `checkpoint()` looks these up at call time, so a region runs its function
+            # plainly and is recorded, however the user reached checkpoint (import, partial).
+            saved = (torch_checkpoint._checkpoint_without_reentrant_generator,
+                     torch_checkpoint.CheckpointFunction)
+            torch_checkpoint._checkpoint_without_reentrant_generator = without_reentrant
+            torch_checkpoint.CheckpointFunction = Reentrant
+            try:
+                yield
+            finally:
+                (torch_checkpoint._checkpoint_without_reentrant_generator,
+                 torch_checkpoint.CheckpointFunction) = saved
+                for h in handles:
+                    h.remove()
 
 
 def hf_checkpointed(model: nn.Module) -> list[str]:
