@@ -244,14 +244,25 @@ class GraphProgram(_Unpicklable, nn.Module):
         found = next((v for v in same if v.fits(args, kwargs)), None)
         if found is not None and mode in found.fns:
             return found
-        if found is None and same:
+        new_shape = found is None and bool(same)
+        if new_shape:
             self._check_new_shape(same)
         if self._build is None:
             raise InputError(
                 f"{type(self).__name__} holds no graph for this call in {mode} mode and cannot "
                 "capture one. Call it with the argument structure it was built with."
             )
-        variant = self._build(self, mode, args, kwargs, found)
+        try:
+            variant = self._build(self, mode, args, kwargs, found)
+        except CapaBoostError as e:
+            if not new_shape:
+                raise
+            sizes = {k: v for v in same for k, v in v.fixed_names().items()}
+            raise InputError(
+                f"input does not fit the shapes captured: the model fixes {sizes} and refuses "
+                f"this call's sizes there (capturing them failed: "
+                f"{str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else e})."
+            ) from e
         variant.autocast = state
         self._add_variant(variant)
         return variant

@@ -291,7 +291,7 @@ def model_frame(err: BaseException) -> str | None:
     import traceback
 
     skip = (f"{os.sep}torch{os.sep}", f"{os.sep}capaboost_fx{os.sep}", f"{os.sep}numpy{os.sep}",
-            "<frozen", f"{os.sep}contextlib.py", f"{os.sep}functools.py")
+            "<frozen", "<string>", "<eval", f"{os.sep}contextlib.py", f"{os.sep}functools.py")
     found = None
     for frame, line in traceback.walk_tb(err.__traceback__):
         name = frame.f_code.co_filename
@@ -329,6 +329,9 @@ def _explain_failure(model: nn.Module, mode: str, err: Exception,
     if "meta" in text.lower() and ("device" in text.lower() or "item" in text.lower()):
         hints.append("capture runs on meta tensors (no weights are touched); the model reads a "
                      "tensor's values or device while tracing, which torch.export cannot do")
+    if not hints:
+        hints.append("check that the model runs eagerly with these example inputs, or pass "
+                     "dynamic_shapes=... to fix which dims may vary (see torch.export.Dim)")
     hints.append("train it as it runs with capture='eager' (capture='auto', the default, does "
                  "so when the model runs on the example)")
     at = f"\n  in the model's code at {where}" if where else ""
