@@ -23,7 +23,8 @@ from .errors import (
     TargetNotFoundError,
     close_names,
 )
-from .model import BlockProgram, CapaBoostModel, GraphProgram, Variant
+from .model import CapaBoostModel, GraphProgram
+from .passes.blocks import auto_blocks, install_blocks, plan_blocks
 from .passes.capture import (
     Captured,
     UncapturableError,
@@ -31,11 +32,11 @@ from .passes.capture import (
     capture_graph,
     copy_graph,
     meta_twin,
-    model_frame,
     replace_tensor,
     shared_shell,
     to_meta,
 )
+from .passes.diagnose import model_frame
 from .passes.eager import attach, find_modules, quantized_weights
 from .passes.match import (
     Candidate,
@@ -49,6 +50,7 @@ from .passes.match import (
 from .passes.rewrite import rewrite
 from .passes.split import split_blocks
 from .spec import Spec, pattern_matches
+from .variant import Variant
 
 
 def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
@@ -76,77 +78,6 @@ def _check_model(model: Any) -> None:
         )
     if not isinstance(model, nn.Module):
         raise SpecTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-
-
-# ----------------------------------------------------------------------------- blocks
-
-
-def auto_blocks(model: nn.Module) -> list[str]:
-    """Transformer layers: modules of the classes a Hugging Face model lists in
-    ``_no_split_modules``, else the entries of every outermost ``nn.ModuleList`` of >= 2."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    found = [n for n, m in model.named_modules() if n and type(m).__name__ in names]
-    if not found:
-        for n, m in model.named_modules():
-            if isinstance(m, nn.ModuleList) and len(m) >= 2:
-                found += [f"{n}.{i}" if n else str(i) for i in range(len(m))]
-    return _outermost(found)
-
-
-def _outermost(names: list[str]) -> list[str]:
-    out = []
-    for n in dict.fromkeys(names):
-        if not any(n.startswith(o + ".") for o in names if o != n):
-            out.append(n)
-    return out
-
-
-def _by_patterns(model: nn.Module, patterns: Any, what: str) -> list[str]:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    names = [n for n, _ in model.named_modules() if n]
-    out = []
-    for p in patterns:
-        hits = [n for n in names if pattern_matches(p, n)]
-        if not hits:
-            raise TargetNotFoundError(
-                f"{what} entry {p!r} names no module of the model. Closest names: "
-                f"{close_names(p, names)}. Use globs such as 'model.layers.*'."
-            )
-        out += hits
-    return out
-
-
-def _plan_blocks(twin: nn.Module, blocks: Any, checkpoint: Any,
-                 detected: list[str]) -> tuple[list[str], set[str], set[str]]:
-    """(blocks to split, blocks to checkpoint, blocks the user named explicitly)."""
-    if blocks == "auto":
-        chosen, explicit = auto_blocks(twin), set()
-    elif not blocks:
-        chosen, explicit = [], set()
-    else:
-        chosen = _by_patterns(twin, blocks, "blocks")
-        explicit = set(chosen)
-    if checkpoint is True:
-        ck = list(chosen)
-    elif checkpoint:
-        ck = _by_patterns(twin, checkpoint, "checkpoint")
-        explicit |= set(ck)
-    else:
-        ck = []
-    ck += [n for n in detected if n]  # the model's own checkpointing (HF or torch.utils)
-    order = [n for n, _ in twin.named_modules()]
-    split = _outermost(sorted(set(chosen) | set(ck), key=order.index))
-    ck_blocks = {b for b in split if any(c == b or c.startswith(b + ".") for c in ck)}
-    return split, ck_blocks, explicit
-
-
-def _install_blocks(shell: nn.Module, names: list[str]) -> None:
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = shell.get_submodule(parent_name) if parent_name else shell
-        original = parent._modules[child]
-        parent._modules[child] = BlockProgram(original, name)
 
 
 # ----------------------------------------------------------------------------- state
@@ -425,8 +356,8 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
         owner_path, _, child = c.adapter_path.rpartition(".")
         owner = shell.get_submodule(owner_path) if owner_path else shell
         owner.add_module(child, _make_adapter(name, c, spec, device))
-    split, ck, explicit = _plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
-    _install_blocks(shell, split)
+    split, ck, explicit = plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
+    install_blocks(shell, split)
     info = {
         "capture": "graph",
         "targets": list(selection.targets),

@@ -18,7 +18,8 @@ from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..merge import base_weight, foldable, structure_copy
-from ..model import CapaBoostModel, FoldedModel, Variant, autocast_region, require_training
+from ..model import CapaBoostModel, FoldedModel, require_training
+from ..variant import Variant, autocast_region
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
 from .match import sites_for
 from .rewrite import adapter_key, rewrite, unrewrite
