@@ -179,7 +179,8 @@ def test_print_trainable_parameters_counts_live_entries(capsys) -> None:
     assert tm.get_nb_trainable_parameters()[0] == trainable
 
 
-def test_autocast_on_an_fp32_base_without_capturing_inside_it() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_an_fp32_base_without_capturing_inside_it(dtype) -> None:
     """Graph path under torch.autocast(bf16) equals the eager path (the model as it runs),
     for a decoder and an encoder; the graph for autocast is captured on the first such call."""
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(
@@ -198,14 +199,14 @@ def test_autocast_on_an_fp32_base_without_capturing_inside_it() -> None:
                 for a in cbx.adapters(tm).values():
                     a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.3)
             tm.train()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):
                 out = tm(**batch)
-            assert out.logits.dtype == torch.bfloat16
+            assert out.logits.dtype == dtype
             out.loss.backward()
             assert all(a.A.grad is not None and a.A.grad.dtype == torch.float32
                        for a in cbx.adapters(tm).values())
             tm.eval()  # dropout off: the two paths compare exactly
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
                 losses[capture] = tm(**batch).loss.float()
             with torch.no_grad():
                 fp32 = tm(**batch).logits  # and back to fp32: the first graph again
