@@ -17,7 +17,7 @@ base model. This module sits below `model` so that the training module can use i
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -204,12 +204,13 @@ def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
 
 
 def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, torch.Tensor],
-                   snapshot: set[int] = frozenset()) -> nn.Module:
+                   snapshot: set[int] = frozenset(),
+                   requantize: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
     """Your model's eager structure (`source`: the meta twin, or the eager shell itself) over
     `base`'s tensors: `weights` where given (merged targets), clones of the tensors whose ids
     are in `snapshot` (what training changes), aliases of everything else (no copy). Adapters
     and their hooks are left out; a quantized target given a dense weight becomes a plain
-    ``nn.Linear``."""
+    ``nn.Linear`` (then ``requantize(linear)`` when given, e.g. your quantizer again)."""
     memo: dict[int, object] = {}
     adapters = [m for m in source.modules() if isinstance(m, CapaBoostAdapter)]
     for a in adapters:
@@ -248,5 +249,6 @@ def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, tor
         if attr == "weight" and is_quantized(base.get_parameter(fqn)):
             parent_name, _, child = owner_name.rpartition(".")
             parent = out.get_submodule(parent_name) if parent_name else out
-            parent._modules[child] = _plain_linear(owner, w)
+            plain = _plain_linear(owner, w)
+            parent._modules[child] = requantize(plain) if requantize is not None else plain
     return out

@@ -190,3 +190,34 @@ def test_inspect_lists_the_linear_modules_of_a_quantized_base() -> None:
     assert [s["name"] for s in report.skipped] == ["head"]
     up = next(t for t in report.targets if t["name"] == "up")
     assert up["in_features"] == up["out_features"] == 256 and up["trainable_params"] == 2048
+
+
+def test_fold_requantizes_on_request_with_the_error_measured() -> None:
+    """dequantize + ΔW, then NF4 again: the folded layer is quantized like the base, and its
+    error against the unfolded module is the quantization error's size, not more."""
+    base = quantize_nf4(Net())
+    x = torch.randn(8, 256)
+    tm = cbx.transform(base, SPEC, (x,))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.copy_(torch.randn(a.B.shape, generator=g) * 0.1)
+    tm.eval()
+
+    def renf4(linear: nn.Linear) -> nn.Linear:
+        linear.weight = nn.Parameter(nf4(linear.weight.detach()), requires_grad=False)
+        return linear
+
+    dense, again = cbx.fold(tm), cbx.fold(tm, requantize=renf4)
+    assert dense.fold_info == {"dequantized": ["down", "up"], "requantized": []}
+    assert again.fold_info["requantized"] == ["down", "up"]
+    assert type(again.base_model.up.weight).__name__ == "NF4Tensor"
+    with torch.no_grad():
+        y = tm(x)
+        err_dense = (dense(x) - y).abs().max().item()
+        err_again = (again(x) - y).abs().max().item()
+        err_base = (Net()(x) - base(x)).abs().max().item()  # NF4's own error on this net
+    assert err_dense < 1e-4
+    assert 0 < err_again < 4 * err_base, (err_again, err_base)
+    with pytest.raises(cbx.FoldError, match="requantize"):
+        cbx.fold(cbx.transform(Net(), SPEC, (x,)), requantize=renf4)

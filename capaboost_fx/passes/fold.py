@@ -9,6 +9,7 @@ deploy graph is the captured graph of the untouched model again, with merged wei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
-from ..merge import base_weight, foldable, structure_copy
+from ..merge import base_weight, foldable, is_quantized, structure_copy
 from ..model import CapaBoostModel, FoldedModel, require_training
 from ..variant import Variant, autocast_region
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
@@ -52,14 +53,16 @@ def merged_weights(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
     return merge.merged_weights(getattr(tm, BASE), adapters(tm))
 
 
-def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor]) -> nn.Module:
+def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor],
+                requantize: Any = None) -> nn.Module:
     """Your model's own structure over the training module's tensors: merged weights for
     targets, private snapshots of what training changed (``trainable``, batch-norm
     statistics), aliases of everything else (no copy)."""
     base: nn.Module = getattr(tm, BASE)
     own = {id(t) for t in tm.parameters() if t.requires_grad}
     own |= {id(b) for b in base.buffers() if getattr(b, "_capaboost_private", False)}
-    return restore_cache_flags(structure_copy(tm.structure_source(), base, merged, own))
+    return restore_cache_flags(structure_copy(tm.structure_source(), base, merged, own,
+                                              requantize))
 
 
 def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
@@ -111,7 +114,8 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
 
 
 def fold(train_model: CapaBoostModel, example_inputs: Any = (),
-         example_kwargs: dict[str, Any] | None = None) -> FoldedModel:
+         example_kwargs: dict[str, Any] | None = None, *,
+         requantize: Callable[[nn.Linear], nn.Module] | None = None) -> FoldedModel:
     """The deploy module: the eval graph with merged weights, no adapter, mask or extra op.
     Only the merged target weights are new memory; other weights are shared.
 
@@ -119,13 +123,20 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
     without labels) to make sure its graph exists; any other call structure is captured on
     first use.
 
+    A quantized target (trained on the eager path) is merged into a dense ``nn.Linear``
+    holding ``dequantize(W0) + ΔW``; ``requantize(linear) -> module`` turns each into what you
+    deploy instead (your quantizer again). ``deploy.fold_info`` lists both.
+
     Example:
         >>> deploy = capaboost_fx.fold(train_model)          # doctest: +SKIP
         >>> deploy(input_ids).logits                          # doctest: +SKIP
     """
     tm = require_training(train_model, "fold()")
     if tm.eager:
-        return _fold_eager(tm)
+        return _fold_eager(tm, requantize)
+    if requantize is not None:
+        raise FoldError("requantize= applies to quantized targets, which train on the eager "
+                        "path; this training module has none.")
     if example_inputs or example_kwargs:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         tm.variant_for(args, dict(example_kwargs or {}), "eval")
@@ -172,9 +183,10 @@ def _sharded(tm: CapaBoostModel) -> bool:
     return any(type(m).__name__.startswith("FSDP") for m in getattr(tm, BASE).modules())
 
 
-def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
+def _fold_eager(tm: CapaBoostModel, requantize: Any = None) -> FoldedModel:
     """Fold of a training module that runs your model eagerly (``capture="eager"``): your
-    model's structure with merged weights, run as it is; quantized targets become dense."""
+    model's structure with merged weights, run as it is; quantized targets become dense
+    ``nn.Linear`` modules, or what ``requantize(linear)`` makes of them."""
     _refuse_nonlinear(tm, "in eager mode fold needs adapters that merge into the weights")
     if _sharded(tm):
         raise FoldError(
@@ -182,4 +194,11 @@ def _fold_eager(tm: CapaBoostModel) -> FoldedModel:
             "into a deploy module. Use capaboost_fx.merged_state_dict(train_model) on every "
             "rank and load it into an unsharded copy of your model, or save_pretrained and "
             "load_adapter + fold on one process.")
-    return FoldedModel(_fold_shell(tm, merged_weights(tm)), {}, eager=True)
+    merged = merged_weights(tm)
+    base = getattr(tm, BASE)
+    quantized = sorted(n for n, a in adapters(tm).items()
+                       if a.weight_fqn in merged and is_quantized(base.get_parameter(a.weight_fqn)))
+    fm = FoldedModel(_fold_shell(tm, merged, requantize), {}, eager=True)
+    fm.fold_info = {"dequantized": quantized,
+                    "requantized": quantized if requantize is not None else []}
+    return fm
