@@ -144,23 +144,28 @@ class GraphProgram(_Unpicklable, nn.Module):
             ) from e
         variant.autocast = state
         self._add_variant(variant)
+        if new_shape:
+            self._warn_new_shape(same)
         return variant
 
     MAX_SHAPES = 8  # graphs per call structure for sizes the model's code fixes
 
     def _check_new_shape(self, same: list[Variant]) -> None:
         """A call whose sizes differ where the model's code fixed them at capture: allowed
-        (a graph for them is captured once), warned about once, bounded."""
+        (a graph for them is captured once, then warned about once), bounded."""
         fixed = sorted({k for v in same for k in v.fixed_names()})
         if len(same) >= self.MAX_SHAPES:
             raise InputError(
                 f"the model's code fixes {fixed} while captured, and {len(same)} sizes there "
                 "have graphs already; pad or bucket these inputs to a few sizes.")
+
+    def _warn_new_shape(self, same: list[Variant]) -> None:
+        fixed = sorted({k for v in same for k in v.fixed_names()})
         if not self.__dict__.get("_warned_shapes"):
             self.__dict__["_warned_shapes"] = True
             warnings.warn(
                 f"the model's code fixed {fixed} to the captured size; this call has another "
-                "size there, so a graph is captured for it now (seconds, once per size, at most "
+                "size there, so a graph was captured for it (seconds, once per size, at most "
                 f"{self.MAX_SHAPES}; listed in capture_info['later_captures']).", stacklevel=4)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
