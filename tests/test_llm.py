@@ -237,3 +237,11 @@ def test_non_tensor_keywords_on_every_entry_point(capture, tmp_path) -> None:
     report = cbx.export_onnx(folded, tmp_path / "m.onnx", example_inputs=(ids,),
                              example_kwargs=flags)
     assert report.max_abs_diff < 1e-4
+
+
+def test_peft_style_target_suffix_suggests_the_glob() -> None:
+    with pytest.raises(cbx.TargetNotFoundError, match=r"Did you mean '\*\.q_proj'"):
+        cbx.transform(tiny_llama(), cbx.Spec(targets=["q_proj"], rank=2),
+                      example_kwargs={"input_ids": torch.randint(2, 97, (2, 8))})
+    with pytest.raises(cbx.TargetNotFoundError, match=r"Did you mean '\*\.q_proj'"):
+        cbx.transform(tiny_llama(), cbx.Spec(targets=["q_proj"], rank=2), capture="eager")

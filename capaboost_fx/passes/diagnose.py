@@ -61,8 +61,9 @@ def explain_failure(model: nn.Module, mode: str, err: Exception,
     if not hints:
         hints.append("check that the model runs eagerly with these example inputs, or pass "
                      "dynamic_shapes=... to fix which dims may vary (see torch.export.Dim)")
-    hints.append("train it as it runs with capture='eager' (capture='auto', the default, does "
-                 "so when the model runs on the example)")
+    if mode == "train":  # the eager path is for training; an export needs a graph
+        hints.append("train it as it runs with capture='eager' (capture='auto', the default, "
+                     "does so when the model runs on the example)")
     at = f"\n  in the model's code at {where}" if where else ""
     return (f"torch.export could not capture {type(model).__name__} in {mode} mode:{at}\n    "
             f"{short}\nTry: " + "; or ".join(hints) + ".")

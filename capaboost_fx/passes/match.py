@@ -416,6 +416,12 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec,
         )
     if selection.unmatched:
         p = selection.unmatched[0]
+        bare = not any(ch in p for ch in "*?[.") and not p.startswith("re:")
+        if bare and any(n.endswith("." + p) for n in all_names):  # PEFT's target_modules style
+            raise TargetNotFoundError(
+                f"Spec.targets entry {p!r} matched no linear op: targets are full names or "
+                f"patterns, not PEFT's module suffixes. Did you mean '*.{p}'? (e.g. "
+                f"{next(n for n in all_names if n.endswith('.' + p))!r})")
         raise TargetNotFoundError(
             f"Spec.targets entry {p!r} matched no linear op. Closest target names: "
             f"{close_names(p, all_names)}. Targets are named by the module owning the weight "
