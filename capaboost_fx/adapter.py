@@ -62,6 +62,7 @@ class CapaBoostAdapter(nn.Module):
         placement: str = "parallel",
         bias_fqn: str | None = None,
         output_of: str | None = None,
+        groups: int = 0,
     ) -> None:
         super().__init__()
         if placement not in ("parallel", "sequential"):
@@ -83,19 +84,27 @@ class CapaBoostAdapter(nn.Module):
         self.output_of = output_of
         self.weight_fqn = None if output_of else (
             weight_fqn or (f"{name}.weight" if name else "weight"))
-        if layout not in ("out_in", "in_out"):
-            raise SpecError(f"adapter layout must be 'out_in' or 'in_out', got {layout!r}")
+        if layout not in ("out_in", "in_out", "param"):
+            raise SpecError(f"adapter layout must be 'out_in', 'in_out' or 'param', got {layout!r}")
         self.layout = layout
-        self.A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        # groups > 0: a parameter of `groups` stacked matrices (MoE experts: experts × out × in),
+        # one (A, B) pair and its own masks per matrix; forward(W) returns ΔW for all of them.
+        self.groups = groups
+        lead = (groups,) if groups else ()
+        self.A = nn.Parameter(torch.empty(*lead, rank, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(*lead, out_features, rank, dtype=dtype, device=device))
         # A from a local generator (reproducible); B = 0, so the adapted model equals the base
         # model at step 0. "standard": kaiming-uniform over A's fan-in `in`, U(±1/√in), as
         # loralib/PEFT. "official": the official CapaBoost code holds A as nn.Linear(r, in).weight
         # (in × r, fan-in r) and kaiming-uniforms that, which is U(±1/√r).
         gen = torch.Generator().manual_seed(stable_seed(seed, name, "init"))
-        a0 = torch.empty(rank, in_features, dtype=torch.float32)
-        if init == "standard":
-            nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
+        a0 = torch.empty(*lead, rank, in_features, dtype=torch.float32)
+        if init == "standard":  # U(±1/√in) on each matrix (what kaiming_uniform gives one)
+            bound = 1.0 / math.sqrt(in_features)
+            if groups:
+                a0.uniform_(-bound, bound, generator=gen)
+            else:
+                nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
         elif init == "official":
             bound = 1.0 / math.sqrt(rank)
             a0.uniform_(-bound, bound, generator=gen)
@@ -112,14 +121,14 @@ class CapaBoostAdapter(nn.Module):
                 with torch.no_grad():
                     self.A.copy_(torch.randn(rank, in_features, generator=g) * 0.02)
                     self.B.copy_(torch.randn(out_features, rank, generator=g) * 0.02)
-        self.register_buffer(
-            "mask_A", make_masks(mask, (rank, in_features), num_masks, density, seed, name, "A")
-            .to(device)
-        )
-        self.register_buffer(
-            "mask_B", make_masks(mask, (out_features, rank), num_masks, density, seed, name, "B")
-            .to(device)
-        )
+        def masks(shape: tuple[int, int], factor: str) -> torch.Tensor:
+            if not groups:
+                return make_masks(mask, shape, num_masks, density, seed, name, factor)
+            return torch.stack([make_masks(mask, shape, num_masks, density, seed,
+                                           f"{name}/{g}", factor) for g in range(groups)])
+
+        self.register_buffer("mask_A", masks((rank, in_features), "A").to(device))
+        self.register_buffer("mask_B", masks((out_features, rank), "B").to(device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # False inside ``train_model.disable_adapter()``: the update is zero (the base model runs)
         self.enabled = True
@@ -129,8 +138,10 @@ class CapaBoostAdapter(nn.Module):
         the gathered tensors when A and B are sharded (FSDP2's DTensors), for the fold."""
         d, r = self.num_masks, self.rank
         a, b = (whole_tensor(self.A), whole_tensor(self.B)) if whole else (self.A, self.B)
-        a_cat = (a * self.mask_A).reshape(d * r, self.in_features)
-        b_cat = (b * self.mask_B).permute(1, 0, 2).reshape(self.out_features, d * r)
+        lead = (self.groups,) if self.groups else ()
+        a_cat = (a.unsqueeze(-3) * self.mask_A).reshape(*lead, d * r, self.in_features)
+        b_cat = (b.unsqueeze(-3) * self.mask_B).transpose(-3, -2).reshape(
+            *lead, self.out_features, d * r)
         return a_cat, b_cat
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -140,6 +151,11 @@ class CapaBoostAdapter(nn.Module):
         return self.bias_down.repeat(self.num_masks), self.bias_up * self.num_masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "param":  # x is the stacked weight W itself: return ΔW
+            if not self.enabled:
+                return torch.zeros_like(x)
+            a_cat, b_cat = self.factors()
+            return ((b_cat @ a_cat) * self.scaling).to(x.dtype)
         if not self.enabled:
             return x.new_zeros(*x.shape[:-1], self.out_features)
         a_cat, b_cat = self.factors()
@@ -174,7 +190,7 @@ class CapaBoostAdapter(nn.Module):
     def num_live(self) -> int:
         """Entries kept by at least one mask (the rest never get gradient); biases are live."""
         biases = sum(p.numel() for n, p in self.named_parameters() if n.startswith("bias"))
-        return int(self.mask_A.any(0).sum()) + int(self.mask_B.any(0).sum()) + biases
+        return int(self.mask_A.any(-3).sum()) + int(self.mask_B.any(-3).sum()) + biases
 
     def extra_repr(self) -> str:
         return (
@@ -184,6 +200,7 @@ class CapaBoostAdapter(nn.Module):
             + (f", activation={self.activation}" if self.activation != "identity" else "")
             + (", sequential" if self.sequential else "")
             + (f", after module {self.output_of!r}" if self.output_of else "")
+            + (f", groups={self.groups}" if self.groups else "")
         )
 
 

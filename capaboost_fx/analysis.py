@@ -26,6 +26,8 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
         if not a.linear:  # a nonlinear parallel adapter has no ΔW
             continue
         dw = a.delta_weight(torch.float64).cpu()
+        if dw.dim() == 3:  # stacked expert matrices: the least-ranked expert's figures
+            dw = min(dw.unbind(0), key=lambda m: int(torch.linalg.matrix_rank(m)))
         sv = torch.linalg.svdvals(dw)
         tol = (sv.max() if sv.numel() else torch.tensor(0.0)) * max(dw.shape) * torch.finfo(
             torch.float64).eps

@@ -94,6 +94,7 @@ def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> 
         activation=spec.activation, init=spec.init, scaling_rule=spec.scaling,
         placement="sequential" if sequential else "parallel", bias_fqn=c.bias_fqn,
         output_of=c.name if c.kind == "module" else None,
+        groups=c.param.shape[0] if c.layout == "param" else 0,
     )
     return adapter
 

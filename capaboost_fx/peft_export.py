@@ -41,6 +41,9 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     layouts = set()
     for name, a in adapters(tm).items():
+        if a.layout == "param":
+            raise TargetError(f"target {name!r} is a stacked expert parameter: this exporter "
+                              "writes LoRA on modules only. Use save_adapter or fold.")
         if not a.linear:
             raise TargetError(f"target {name!r} is not a LoRA-form adapter (nonlinear or "
                               "sequential); LoRA runtimes "

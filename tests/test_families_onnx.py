@@ -109,3 +109,42 @@ def test_encoder_decoders_export_and_verify(name, tmp_path) -> None:
         assert (folded(**batch).logits - model(**batch).logits).abs().max() > 1e-4
     report = cbx.export_onnx(folded, tmp_path / f"{name}.onnx", example_kwargs=batch)
     assert report.max_abs_diff < 1e-4
+
+
+def test_moe_expert_parameters_as_targets(tmp_path) -> None:
+    """Expert weights (experts × out × in, read by the experts' grouped matmul) as targets:
+    per-expert A, B and masks; W + ΔW equals an independent per-expert reference; training
+    reaches them; fold is exact; files round-trip; inspect lists them; ONNX exports."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(**MOE)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    spec = cbx.Spec(targets=["*.experts.gate_up_proj", "*.experts.down_proj"], rank=4)
+    report = cbx.inspect(model, spec, example_inputs=(ids,))
+    names = [t["name"] for t in report.targets]
+    assert names == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                     for p in ("gate_up_proj", "down_proj")]
+    tm, folded = _fold_nonzero(model, spec, example_inputs=(ids,))
+    a = cbx.adapters(tm)[names[0]]
+    assert a.groups == 4 and a.A.shape == (4, 4, 32) and a.mask_A.shape == (4, 2, 4, 32)
+    ref = transformers.Qwen2MoeForCausalLM(config).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, ad in cbx.adapters(tm).items():
+            ref.get_parameter(name).add_(torch.stack([
+                sum((ad.B[g] * ad.mask_B[g, i]) @ (ad.A[g] * ad.mask_A[g, i])
+                    for i in range(ad.num_masks)) for g in range(ad.groups)]) * ad.scaling)
+        tm.eval()
+        y = tm(ids).logits
+        torch.testing.assert_close(y, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (y - model(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(folded(ids).logits, y, rtol=1e-6, atol=1e-6)
+    tm.train()
+    tm(ids, labels=ids).loss.backward()
+    assert all(ad.B.grad is not None for ad in cbx.adapters(tm).values())
+    cbx.save_adapter(tm, tmp_path / "experts.safetensors")
+    back = cbx.load_adapter(model, tmp_path / "experts.safetensors", example_inputs=(ids,))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids).logits, y)
+    out = cbx.export_onnx(folded, tmp_path / "experts.onnx", example_inputs=(ids,))
+    assert out.max_abs_diff < 1e-4

@@ -89,10 +89,14 @@ class Candidate:
 
     @property
     def in_features(self) -> int:
+        if self.layout == "param":  # experts × out × in
+            return self.param.shape[2]
         return self.param.shape[1] if self.layout == "out_in" else self.param.shape[0]
 
     @property
     def out_features(self) -> int:
+        if self.layout == "param":
+            return self.param.shape[1]
         return self.param.shape[0] if self.layout == "out_in" else self.param.shape[1]
 
 
@@ -194,10 +198,14 @@ def find_candidates(
             site.fqn = fqn
             cand.sites[mode].append(site)
 
+    _expert_candidates(graphs, holder, params, by_id)
     aliases = defaultdict(list)
     for fqn, p in params.items():
         aliases[id(p)].append(fqn)
     for pid, cand in by_id.items():
+        if cand.layout == "param":
+            cand.aliases = [a for a in aliases[pid] if a != cand.fqn]
+            continue
         cand.aliases = [target_name(a) for a in aliases[pid]]
         if len({s.layout for ss in cand.sites.values() for s in ss}) > 1:
             cand.reason = "used both as out×in and as in×out weight; cannot fold one delta"
@@ -219,6 +227,27 @@ def find_candidates(
             missing = sorted(set(graphs) - set(cand.sites))
             cand.reason = f"its linear op is missing from the {missing} graph(s)"
     return {c.name: c for c in by_id.values()}
+
+
+def _expert_candidates(graphs: dict[str, fx.Graph], holder: nn.Module,
+                       params: dict[str, nn.Parameter], by_id: dict[int, Candidate]) -> None:
+    """Stacked weights as targets: a 3-D parameter (experts × out × in, as MoE experts hold
+    them) of a module that is not a convolution, read by the graph. Its site is the read
+    itself (the ``get_attr``): the rewrite adds ΔW there, ``W + ΔW``, whatever op uses it."""
+    for mode, graph in graphs.items():
+        for node in graph.find_nodes(op="get_attr"):
+            found = _weight_of(node, params)
+            if found is None or found[1]:
+                continue
+            fqn = found[0]
+            p = params[fqn]
+            owner = holder.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else holder
+            if (p.dim() != 3 or p.shape[0] < 2 or not p.is_floating_point() or id(p) in by_id
+                    and by_id[id(p)].layout != "param" or "Conv" in type(owner).__name__
+                    or "parametrizations" in fqn):
+                continue
+            cand = by_id.setdefault(id(p), Candidate(target_name(fqn), fqn, p))
+            cand.sites[mode].append(Site(node, node, "param", fqn, "param"))
 
 
 # ----------------------------------------------------------------------------- module outputs
