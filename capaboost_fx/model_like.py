@@ -43,7 +43,7 @@ class ModelLike:
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)  # type: ignore[misc]
+            return super().__getattr__(name)
         except AttributeError:
             if name.startswith("__"):
                 raise
@@ -59,7 +59,7 @@ class ModelLike:
 
     @property
     def device(self) -> torch.device:
-        return next((p.device for p in self.parameters()), torch.device("cpu"))  # type: ignore[attr-defined]
+        return next((p.device for p in self.parameters()), torch.device("cpu"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,8 +71,21 @@ class ModelLike:
         return torch.float32
 
 
-class AdapterModelLike(ModelLike):
+class AdapterModelLike(ModelLike, nn.Module):
     """Mixin of the training module: see the module docstring."""
+
+    # What the training module (`capaboost_fx.model.CapaBoostModel`) provides.
+    eager: bool
+    base_model: nn.Module
+
+    def adapters(self) -> dict[str, CapaBoostAdapter]:
+        raise NotImplementedError
+
+    def blocks(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def structure_source(self) -> nn.Module:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ TRL's fused LM head
 
@@ -85,10 +98,10 @@ class AdapterModelLike(ModelLike):
             super().__setattr__(name, value)
             return
         self.__dict__["_fused_settings"] = settings
-        if self.eager:  # type: ignore[attr-defined]
+        if self.eager:
             from trl.trainer.utils import add_fused_lm_head  # what sent us here
 
-            add_fused_lm_head(self.base_model, **settings)  # type: ignore[attr-defined]
+            add_fused_lm_head(self.base_model, **settings)
 
     def _fused_call(self, args: tuple, kwargs: dict) -> Any:
         """A call with TRL's ``fused_lm_head=...``: per-token log-probabilities (and the fields
@@ -100,7 +113,7 @@ class AdapterModelLike(ModelLike):
             return self(*args, **kwargs, **({"labels": labels} if labels is not None else {}),
                         **extra)
         if self.eager:  # the shell carries TRL's own fused head (memory-efficient)
-            return self.base_model(*args, fused_lm_head=True, labels=labels,  # type: ignore[attr-defined]
+            return self.base_model(*args, fused_lm_head=True, labels=labels,
                                    **kwargs, **extra)
         kwargs["use_cache"] = False
         logits = self(*args, **kwargs).logits
@@ -111,8 +124,8 @@ class AdapterModelLike(ModelLike):
     # ------------------------------------------------------------------ generation
 
     def _generation_key(self) -> tuple:
-        adapters = self.adapters()  # type: ignore[attr-defined]
-        key: list[Any] = [self.training]  # type: ignore[attr-defined]
+        adapters = self.adapters()
+        key: list[Any] = [self.training]
         for a in adapters.values():
             key.append(a.enabled)
             key += [(id(p), p._version, p.device, p.dtype) for p in a.parameters()]
@@ -127,19 +140,19 @@ class AdapterModelLike(ModelLike):
         if cached is not None and cached[0] == key:
             return cached[1]
         self.__dict__.pop("_generation", None)  # free the old merged weights first
-        base = self.base_model  # type: ignore[attr-defined]
-        on = {n: a for n, a in self.adapters().items() if a.enabled}  # type: ignore[attr-defined]
+        base = self.base_model
+        on = {n: a for n, a in self.adapters().items() if a.enabled}
         quantized = [n for n, a in on.items() if a.weight_fqn and is_quantized(
             base.get_parameter(a.weight_fqn))]
-        if self.eager and (quantized or not on):  # type: ignore[attr-defined]
+        if self.eager and (quantized or not on):
             # Quantized targets stay quantized: the hooked eager model runs as it is.
             view = base
         else:
-            view = structure_copy(self.structure_source(), base,  # type: ignore[attr-defined]
+            view = structure_copy(self.structure_source(), base,
                                   merged_weights(base, on))
             for config in view.__dict__.pop("_capaboost_cache_off", []):
                 config.use_cache = True  # generation uses the KV cache, as your model does
-        view.train(self.training)  # type: ignore[attr-defined]
+        view.train(self.training)
         self.__dict__["_generation"] = (key, view)
         return view
 
@@ -159,7 +172,7 @@ class AdapterModelLike(ModelLike):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model, adapters off (forward and ``generate``), as PEFT's
         ``disable_adapter()``: DPO's and GRPO's reference model at no memory cost."""
-        adapters = list(self.adapters().values())  # type: ignore[attr-defined]
+        adapters = list(self.adapters().values())
         before = [a.enabled for a in adapters]
         for a in adapters:
             a.enabled = False
@@ -177,8 +190,8 @@ class AdapterModelLike(ModelLike):
         ``activation_checkpointing_enable()`` does (non-reentrant): what the HF Trainer and
         TRL call for ``gradient_checkpointing=True``."""
         kwargs = dict(activation_checkpointing_kwargs or {})
-        if self.eager:  # type: ignore[attr-defined]
-            base = self.base_model  # type: ignore[attr-defined]
+        if self.eager:
+            base = self.base_model
             kwargs.setdefault("use_reentrant", False)
             if callable(getattr(base, "activation_checkpointing_enable", None)):
                 base.activation_checkpointing_enable(kwargs, every_n_layers, offload)
@@ -193,7 +206,7 @@ class AdapterModelLike(ModelLike):
             raise CapaBoostError(
                 "the graph path checkpoints blocks non-reentrantly, without CPU offload; drop "
                 "offload / use_reentrant, or transform with capture='eager'.")
-        blocks = list(self.blocks().values())  # type: ignore[attr-defined]
+        blocks = list(self.blocks().values())
         if not blocks:
             raise CapaBoostError(
                 "this training module has no blocks to checkpoint: call "
@@ -203,13 +216,13 @@ class AdapterModelLike(ModelLike):
             b.checkpoint = i % every_n_layers == 0
 
     def activation_checkpointing_disable(self) -> None:
-        if self.eager:  # type: ignore[attr-defined]
-            base = self.base_model  # type: ignore[attr-defined]
+        if self.eager:
+            base = self.base_model
             off = getattr(base, "activation_checkpointing_disable", None) or \
                 base.gradient_checkpointing_disable
             off()
             return
-        for b in self.blocks().values():  # type: ignore[attr-defined]
+        for b in self.blocks().values():
             b.checkpoint = False
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None
@@ -222,20 +235,20 @@ class AdapterModelLike(ModelLike):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        if self.eager:  # type: ignore[attr-defined]
-            return bool(getattr(self.base_model, "is_gradient_checkpointing", False))  # type: ignore[attr-defined]
-        return any(b.checkpoint for b in self.blocks().values())  # type: ignore[attr-defined]
+        if self.eager:
+            return bool(getattr(self.base_model, "is_gradient_checkpointing", False))
+        return any(b.checkpoint for b in self.blocks().values())
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(parameters that require grad, all parameters), as PEFT counts them."""
-        params = list(self.parameters())  # type: ignore[attr-defined]
+        params = list(self.parameters())
         return (sum(p.numel() for p in params if p.requires_grad),
                 sum(p.numel() for p in params))
 
     def print_trainable_parameters(self) -> None:
         """Trainable, live (kept by at least one mask: the paper's count) and all parameters."""
         trainable, total = self.get_nb_trainable_parameters()
-        adapters: dict[str, CapaBoostAdapter] = self.adapters()  # type: ignore[attr-defined]
+        adapters: dict[str, CapaBoostAdapter] = self.adapters()
         dead = sum(a.num_trainable() - a.num_live() for a in adapters.values())
         print(f"trainable params: {trainable:,} || live params: {trainable - dead:,} || "
               f"all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
@@ -263,8 +276,8 @@ class AdapterModelLike(ModelLike):
         return not getattr(t, "_capaboost_private", False)
 
     def _install_state_hooks(self) -> None:
-        self.register_state_dict_post_hook(_drop_frozen)  # type: ignore[attr-defined]
-        self.register_load_state_dict_post_hook(_allow_missing_frozen)  # type: ignore[attr-defined]
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_allow_missing_frozen)
 
 
 def _named_state(module: nn.Module) -> dict[str, torch.Tensor]:
