@@ -259,17 +259,7 @@ def transform(
         raise SpecTypeError(f"spec must be a capaboost_fx.Spec, got {type(spec).__name__}.")
     if capture not in CAPTURE_CHOICES:
         raise SpecError(f"capture must be one of {CAPTURE_CHOICES}, got {capture!r}.")
-    reason = None
-    quantized = quantized_weights(model) if capture != "eager" else []
-    if quantized:
-        reason = (f"{len(quantized)} weights are stored quantized (e.g. {quantized[0]}: "
-                  f"{type(model.get_parameter(quantized[0])).__name__}), which torch.export's "
-                  "fake-tensor capture cannot represent")
-        if capture == "graph":
-            raise CaptureError(f"cannot capture a graph: {reason}. Use capture='auto' (the "
-                               "default) or capture='eager' to train adapters on top of them.")
-    if capture == "eager":
-        reason = "capture='eager' was asked for"
+    reason = _eager_reason_before_capture(model, capture)
     if reason is None:
         try:
             return _transform_graph(model, spec, example_inputs, example_kwargs,
@@ -279,17 +269,36 @@ def transform(
             # (or a model that fails anyway) keeps the capture error.
             if capture == "graph" or not _runs_eagerly(model, example_inputs, example_kwargs):
                 raise
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            first = next((ln for ln in lines[1:] if not ln.startswith("in the model's code")),
-                         type(e.__cause__).__name__)
-            where = model_frame(e)
-            reason = f"torch.export could not capture the model ({first})" + (
-                f" at {where}" if where else "")
+            reason = _fallback_reason(e)
             warnings.warn(CapaBoostWarning(
                 f"{reason}. capaboost_fx trains it eagerly instead (capture='eager': the same "
                 "adapters on its linear modules, the same fold and files; no per-block "
                 "graphs). Pass capture='graph' to get the error instead."), stacklevel=2)
     return _transform_eager(model, spec, reason, checkpoint)
+
+
+def _eager_reason_before_capture(model: nn.Module, capture: str) -> str | None:
+    """Why the eager path is taken without trying a capture (None: try the graph path)."""
+    quantized = quantized_weights(model) if capture != "eager" else []
+    if quantized:
+        reason = (f"{len(quantized)} weights are stored quantized (e.g. {quantized[0]}: "
+                  f"{type(model.get_parameter(quantized[0])).__name__}), which torch.export's "
+                  "fake-tensor capture cannot represent")
+        if capture == "graph":
+            raise CaptureError(f"cannot capture a graph: {reason}. Use capture='auto' (the "
+                               "default) or capture='eager' to train adapters on top of them.")
+        return reason
+    return "capture='eager' was asked for" if capture == "eager" else None
+
+
+def _fallback_reason(err: UncapturableError) -> str:
+    """The export failure in one line, at the model's own line of code when known."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = next((ln for ln in lines[1:] if not ln.startswith("in the model's code")),
+                 type(err.__cause__).__name__)
+    where = model_frame(err)
+    return f"torch.export could not capture the model ({first})" + (
+        f" at {where}" if where else "")
 
 
 def _runs_eagerly(model: nn.Module, example_inputs: Any,
