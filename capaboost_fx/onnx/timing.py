@@ -1,11 +1,17 @@
 """Latency, measured side by side: `measure_latency` times several sessions or callables in
 interleaved rounds (`round_order`) and reports `LatencyStats` (median, quartiles from
-``statistics.quantiles``). One timing rule for compare_onnx, the demo and the benchmarks."""
+``statistics.quantiles``); `compare_latency` says whether two of them differ beyond the spread
+of the rounds or by noise; `conditions` records what a time was measured under (CPU, cores,
+threads, load average at start and end, versions). One timing rule for compare_onnx, the demo
+and the benchmarks."""
 
 from __future__ import annotations
 
 import gc
+import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -173,3 +179,120 @@ def measure_latency(
             gc.enable()
     stats = {n: LatencyStats.of(times[n], providers[n]) for n in names}
     return stats["model"] if single else stats
+
+
+@dataclass
+class LatencyComparison:
+    """Two latencies measured side by side, and whether their difference is beyond the noise.
+
+    `difference`: ``other.median / base.median - 1``. `spread`: half the p10-p90 range of the
+    per-round ratios ``other / base`` (rounds are interleaved, so a ratio compares two calls
+    made moments apart); without per-round samples, the larger relative p10-p90 half-range of
+    the two. `noise`: ``abs(difference) <= spread``.
+    """
+
+    difference: float
+    spread: float
+    rounds: int
+    noise: bool
+    per_round: bool  # the spread comes from per-round ratios
+
+    def describe(self) -> str:
+        """E.g. ``+3.0 % (within the ±8.0 % spread of 20 interleaved rounds: noise)``."""
+        where = "within" if self.noise else "beyond"
+        call = "noise" if self.noise else "a real difference"
+        rounds = f"{self.rounds} interleaved round{'s' if self.rounds != 1 else ''}"
+        return (f"{100 * self.difference:+.1f} % ({where} the ±{100 * self.spread:.1f} % spread "
+                f"of {rounds}: {call})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "text": self.describe()}
+
+
+def compare_latency(base: LatencyStats, other: LatencyStats) -> LatencyComparison:
+    """Is `other` faster or slower than `base`, beyond the spread of the interleaved rounds?
+
+    Example::
+
+        >>> a = LatencyStats.of([0.010, 0.011, 0.009, 0.010])
+        >>> compare_latency(a, LatencyStats.of([0.020, 0.022, 0.018, 0.020])).noise
+        False
+    """
+    if base.median_ms <= 0:
+        raise InputError("compare_latency: the base median is not positive")
+    difference = other.median_ms / base.median_ms - 1
+    a, b = base.samples_ms, other.samples_ms
+    if len(a) == len(b) and len(a) > 1 and all(x > 0 for x in a):
+        ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+        deciles = statistics.quantiles(ratios, n=10, method="inclusive")
+        spread, per_round = (deciles[-1] - deciles[0]) / 2, True
+    else:
+        spread = max((s.p90_ms - s.p10_ms) / 2 / s.median_ms if s.median_ms > 0 else 0.0
+                     for s in (base, other))
+        per_round = False
+    return LatencyComparison(difference=difference, spread=spread,
+                             rounds=min(base.runs, other.runs),
+                             noise=abs(difference) <= spread, per_round=per_round)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not available (Windows)
+        return None
+
+
+def conditions(start: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a time is measured under: CPU model, cores, torch threads, load average (1, 5, 15
+    minutes), Python and torch versions. Call it before timing and once more after, passing the
+    first result: the second call adds ``load_average_end`` (and keeps the rest of `start`).
+
+    Example::
+
+        c = conditions()
+        ...  # the work being timed
+        c = conditions(c)
+        print(f"{seconds:.0f} s ({describe_conditions(c)})")
+    """
+    if start is not None:
+        return {**start, "load_average_end": _load_average()}
+    torch = sys.modules.get("torch")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": cores,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "load_average_start": _load_average(),
+        "python": platform.python_version(),
+        "torch": getattr(torch, "__version__", None),
+        "platform": platform.platform(),
+    }
+
+
+def describe_conditions(c: Mapping[str, Any]) -> str:
+    """One line for beside a time, e.g. ``2 cores (AMD EPYC 7B13), 2 torch threads, load
+    average 0.4 at start / 2.1 at end (1 min), Python 3.11.9, torch 2.13.0``."""
+    parts = [f"{c.get('cores_available') or c.get('cpu_count')} cores ({c.get('cpu_model')})"]
+    if c.get("torch_threads") is not None:
+        parts.append(f"{c['torch_threads']} torch threads")
+    start, end = c.get("load_average_start"), c.get("load_average_end")
+    if start:
+        load = f"load average {start[0]:.1f} at start"
+        load += f" / {end[0]:.1f} at end (1 min)" if end else " (1 min)"
+        parts.append(load)
+    parts.append(f"Python {c.get('python')}")
+    if c.get("torch"):
+        parts.append(f"torch {c['torch']}")
+    return ", ".join(parts)
