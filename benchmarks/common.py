@@ -36,6 +36,7 @@ if ROOT not in sys.path:  # `python benchmarks/run.py` from anywhere uses this c
 
 import capaboost_fx as cbx  # noqa: E402
 from capaboost_fx.onnx.runtime import round_order  # noqa: E402
+from capaboost_fx.onnx.timing import conditions, describe_conditions  # noqa: E402
 
 TARGETS = ["*.query", "*.value"]
 THREADS = 2
@@ -533,6 +534,7 @@ def machine() -> dict[str, Any]:
     except Exception:  # pragma: no cover
         pass
     info["loadavg_at_start"] = loadavg()
+    info["conditions"] = conditions()  # CPU model, cores, threads, load average, versions
     return info
 
 
@@ -554,6 +556,7 @@ class Contention:
 
     def __init__(self) -> None:
         self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), time.process_time()
+        self.conditions = conditions()
 
     @staticmethod
     def _busy() -> float | None:
@@ -573,6 +576,8 @@ class Contention:
             others = max(0.0, (busy - self.busy0) - own)
             out["others_cpu_share"] = round(others / (wall * (os.cpu_count() or 1)), 3)
         out["loadavg_at_end"] = loadavg()
+        out["conditions"] = conditions(self.conditions)  # the load average at start and end
+        out["conditions_text"] = describe_conditions(out["conditions"])  # print beside times
         return out
 
 

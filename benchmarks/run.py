@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                           {"settings": result["settings"], "machine": result["machine"], **res})
         print(modules[name].report(res))
         print(f"({name}: {res['wall_seconds']} s; CPU share taken by other processes: "
-              f"{res['contention'].get('others_cpu_share')})", flush=True)
+              f"{res['contention'].get('others_cpu_share')}; "
+              f"{res['contention']['conditions_text']})", flush=True)
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     result["contention"] = whole.stop()
     result["summary"] = summarize(result)
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## summary")
     print(summary_table(result["summary"]))
     print(f"\nwall time {result['wall_seconds']} s; CPU share taken by other processes: "
-          f"{result['contention'].get('others_cpu_share')}; JSON: {path}")
+          f"{result['contention'].get('others_cpu_share')}; "
+          f"{result['contention']['conditions_text']}; JSON: {path}")
     return 1 if result["errors"] else 0
 
 

@@ -68,6 +68,16 @@ def test_files_and_combined_json(quick_run: tuple[Path, str]) -> None:
     assert any("capaboost_d2 / peft_r8" in f for f in figures)
     assert any("ONNX latency" in f for f in figures)
     assert "## summary" in stdout and "| figure" in stdout  # tables are printed
+    # times carry their conditions: machine, threads, load average at start and end
+    cond = data["contention"]["conditions"]
+    assert cond["cpu_count"] == os.cpu_count() and cond["cpu_model"]
+    assert cond["torch_threads"] == data["settings"]["threads"]
+    assert data["machine"]["conditions"]["python"] == cond["python"]
+    if hasattr(os, "getloadavg"):
+        assert len(cond["load_average_start"]) == len(cond["load_average_end"]) == 3
+    assert f"wall time {data['wall_seconds']} s" in stdout
+    assert data["contention"]["conditions_text"] in stdout
+    assert "torch threads, load average" in data["contention"]["conditions_text"]
 
 
 def test_step_json(quick_run: tuple[Path, str]) -> None:

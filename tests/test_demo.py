@@ -85,6 +85,7 @@ def test_help_names_the_command_typed(command, prog):
                           cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(f"usage: {prog}") and "--quick" in proc.stdout
+    assert "minutes on 2 cores" not in proc.stdout  # a time without its conditions
 
 
 def test_example_script_is_a_thin_wrapper(monkeypatch, capsys):
@@ -121,7 +122,13 @@ def _check_common(out: Path, report: dict) -> None:
     assert lo["head_trainable_params"] == cb["head_trainable_params"] == 384 * 2 + 2
     assert lo["max_rank"] == r and cb["min_rank"] == min(d * r, 384)  # the rank boost
     assert saved["fold"]["predictions_equal"] and saved["fold"]["ok"]
+    cond = saved["environment"]["conditions"]  # what the times were measured under
+    assert cond["cpu_count"] >= 1 and cond["cpu_model"] and cond["torch_threads"] >= 1
+    if hasattr(os, "getloadavg"):
+        assert len(cond["load_average_start"]) == len(cond["load_average_end"]) == 3
     md = (out / "report.md").read_text(encoding="utf-8")
+    assert f"measured on {cond['cores_available']} cores ({cond['cpu_model']})" in md
+    assert "load average" in md or not hasattr(os, "getloadavg")
     assert f"| dev accuracy | {100 * lo['accuracy']:.1f}% ({lo['correct']}/" in md
     assert "| numerical rank of ΔW (min / mean / max over 12 layers) |" in md
     assert "![training loss](loss.png)" in md and "Socher" in md
@@ -153,6 +160,11 @@ def test_quick_run_end_to_end(tmp_path):
         assert onnx["latency"][key]["median_ms"] > 0
     md = (out / "report.md").read_text(encoding="utf-8")
     assert f"| ONNX nodes | {onnx['base']['nodes']} | {onnx['folded']['nodes']} |" in md
+    # the fresh classifier's all-zero bias is folded away in the base file: said as such
+    assert onnx["same_graph_up_to_folding"], onnx["graph_summary"]
+    assert onnx["graph_summary"] in md and onnx["graph_summary"].startswith("same graph")
+    call = onnx["latency_comparison"]
+    assert call["noise"] == (abs(call["difference"]) <= call["spread"]) and call["text"] in md
     assert "(PASS)" in md
     q = onnx["int8"]  # dynamic int8: its accuracy and speed are measured, not assumed
     assert (out / "onnx" / "folded_int8.onnx").is_file()

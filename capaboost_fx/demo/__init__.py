@@ -1,6 +1,6 @@
 """End-to-end demo: LoRA vs CapaBoost-LoRA on SST-2 with a pretrained MiniLM-L6, to ONNX.
 
-    python -m capaboost_fx.demo --quick          # 1-2 minutes on 2 CPU cores
+    python -m capaboost_fx.demo --quick          # a short run (times and their load: docs/demo.md)
     capaboost-fx demo --out runs/demo            # the default run
 
 With the same data order, budget and seeds for both arms, each at its own best learning rate

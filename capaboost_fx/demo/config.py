@@ -124,7 +124,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help=f"report folder (default {d.out})")
     p.add_argument("--quick", action="store_true",
-                   help="a short run (1-2 minutes on 2 cores): " + ", ".join(
+                   help="a short run, a fraction of the default run's time (measured times "
+                   "with their machine and load: docs/demo.md; report.md records both): "
+                   + ", ".join(
                        f"{k.replace('_', '-')}={v}" for k, v in QUICK.items())
                    + " unless given")
     p.add_argument("--steps", type=int, help=f"training steps per arm (default {d.steps})")

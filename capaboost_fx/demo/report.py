@@ -215,6 +215,11 @@ def _fold(fold: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _latency_call(onnx: Mapping[str, Any]) -> str:
+    c = onnx.get("latency_comparison")
+    return f": folded vs base {c['text']}" if c else ""
+
+
 def _onnx(onnx: Mapping[str, Any], threads: int) -> list[str]:
     if onnx.get("skipped"):
         return [f"Skipped: {onnx.get('reason', 'not requested')}."]
@@ -235,14 +240,12 @@ def _onnx(onnx: Mapping[str, Any], threads: int) -> list[str]:
         f"{lat['folded']['median_ms']:.2f} ms ({lat['folded']['p90_ms']:.2f}) |",
         f"| export time | {base['export_seconds']:.1f} s | {folded['export_seconds']:.1f} s |",
         "",
-        f"Same op histogram: {'yes' if onnx['same_ops'] else 'NO'}; same graph (ops, node count, "
-        f"initializer shapes; `compare_onnx`): {'yes' if onnx['same_graph'] else 'NO'}. "
-        f"Folded/base latency ratio: {onnx['latency_ratio']:.3f} (median of "
-        f"{lat['folded']['runs']} interleaved runs, {threads} threads; CPU timings are noisy).",
+        f"Same op histogram: {'yes' if onnx['same_ops'] else 'NO'}; `compare_onnx`: "
+        f"{onnx.get('graph_summary') or ('same graph: ' + ('yes' if onnx['same_graph'] else 'NO'))}"
+        f". Folded/base latency ratio: {onnx['latency_ratio']:.3f} (medians of "
+        f"{lat['folded']['runs']} interleaved runs, {threads} threads){_latency_call(onnx)}.",
         "",
     ]
-    if onnx.get("graph_note"):
-        lines += [onnx["graph_note"], ""]
     srv = onnx["serving"]
     ties = (f" (+{srv['near_ties']} near-ties, top-2 margin ≤ {NEAR_TIE:g})"
             if srv.get("near_ties") else "")
@@ -271,6 +274,13 @@ def _onnx(onnx: Mapping[str, Any], threads: int) -> list[str]:
     return lines
 
 
+def _conditions(report: Mapping[str, Any]) -> str:
+    from capaboost_fx.onnx.timing import describe_conditions  # stdlib only: no ONNX needed
+
+    c = report["environment"].get("conditions")
+    return describe_conditions(c) if c else "an unrecorded machine"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``report.md`` for a report dict (as `run` returns and ``report.json`` holds)."""
     cfg, data, model = report["config"], report["data"], report["model"]
@@ -279,7 +289,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "# CapaBoost-LoRA vs LoRA on SST-2 (MiniLM-L6)", "",
         f"Created {report['created']} · status: **{report['status']}** · "
         f"{report['environment']['threads']} CPU threads · total "
-        f"{report['timings'].get('total_seconds', 0):.0f} s.", "",
+        f"{report['timings'].get('total_seconds', 0):.0f} s, measured on {_conditions(report)}."
+        " Times here are wall clock on that machine at that load; the ratios are what carries "
+        "over to another machine.", "",
         f"Model: `{model['name']}` ({_int(model['parameters'])} parameters, hidden "
         f"{model['hidden_size']}, {model['layers']} layers) with a fresh 2-way classifier. Data: "
         f"{data['train_examples']:,} SST-2 training rows, {data['eval_examples']:,} held-out dev "

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import capaboost_fx as cbx
+from capaboost_fx.onnx.timing import conditions, describe_conditions
 
 from .config import ARM_TITLES, ARMS, CITATIONS, MODEL_NAME, DemoConfig, arm_spec, parse
 from .data import (
@@ -47,7 +48,8 @@ def _environment(threads: int) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     env = {"python": platform.python_version(), "platform": platform.platform(),
-           "capaboost_fx": cbx.__version__, "threads": threads, "cores_available": _cores()}
+           "capaboost_fx": cbx.__version__, "threads": threads, "cores_available": _cores(),
+           "conditions": conditions()}  # CPU, threads, load average (its end added at the end)
     for dist in ("torch", "transformers", "onnx", "onnxruntime"):
         try:
             env[dist] = version(dist)
@@ -102,7 +104,7 @@ def _run(config: DemoConfig, threads: int) -> dict[str, Any]:
     timings["train_seconds"] = sum(report["runs"][a]["train_seconds"] for a in ARMS)
     _plots(report, out)
     report["status"] = "trained"
-    timings["total_seconds"] = time.perf_counter() - t_start
+    _finish(report, t_start)
     write_report(out, report)  # a later failure still leaves the training results
 
     tm = trained.pop("capaboost").model
@@ -137,16 +139,23 @@ def _run(config: DemoConfig, threads: int) -> dict[str, Any]:
     report["fold"]["seconds"] = fold_seconds
 
     if paths is not None:
-        _stage(report, out, t_start, lambda: _serve(config, report["onnx"], paths, base, inputs,
+        _stage(report, out, t_start, lambda: _serve(config, report["onnx"], paths, inputs,
                                                     batches, pt_logits, data, example, threads))
         timings["onnx_seconds"] = report["onnx"]["seconds"]
     report["files"].update(report_json="report.json", report_md="report.md")
     serving = report["onnx"].get("serving")
     ok = report["fold"]["ok"] and (serving is None or serving["match"])
     report["status"] = "ok" if ok else "check failed"
-    timings["total_seconds"] = time.perf_counter() - t_start
+    _finish(report, t_start)
     write_report(out, report)
     return report
+
+
+def _finish(report: dict[str, Any], t_start: float) -> None:
+    """The total time so far, and the load average now beside the one at the start."""
+    report["timings"]["total_seconds"] = time.perf_counter() - t_start
+    env = report["environment"]
+    env["conditions"] = conditions(env["conditions"])
 
 
 def _train_arms(config: DemoConfig, base: nn.Module, data: SST2Data,
@@ -194,7 +203,7 @@ def _stage(report: dict[str, Any], out: Path, t_start: float, fn: Any) -> Any:
     except Exception as e:
         report["onnx"] = {**report.get("onnx", {}), "error": f"{type(e).__name__}: {e}"}
         report["status"] = "failed in the ONNX stage"
-        report["timings"]["total_seconds"] = time.perf_counter() - t_start
+        _finish(report, t_start)
         write_report(out, report)
         raise
 
@@ -280,7 +289,7 @@ def _export(config: DemoConfig, base: nn.Module, deploy: nn.Module,
     return result, paths
 
 
-def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str], base: nn.Module,
+def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
            inputs: list[tuple[torch.Tensor, torch.Tensor]], batches: list[tuple[list[int], int]],
            pt_logits: torch.Tensor, data: SST2Data, example: Mapping[str, torch.Tensor],
            threads: int) -> None:
@@ -323,8 +332,10 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
                          for k, v in lat.items()}
     result["latency_ratio"] = lat["folded"].median_ms / max(lat["base"].median_ms, 1e-9)
     result["same_graph"] = cmp.same_graph
+    result["same_graph_up_to_folding"] = cmp.same_graph_up_to_folding
+    result["graph_summary"] = cmp.graph_summary("base", "folded")
+    result["latency_comparison"] = cmp.latency_comparison.to_dict()
     result["compare_markdown"] = cmp.to_markdown("base", "folded")
-    result["graph_note"] = _graph_note(cmp, base)
     # int8: what dynamic quantization costs in accuracy, and what it buys in latency.
     _say(config, "[demo] serving the int8 model and timing it against fp32")
     int8_preds = serve(paths["folded_int8"], "folded int8 (onnxruntime)").argmax(-1)
@@ -342,22 +353,6 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
                        "int8": result["folded_int8"]["file_bytes"]},
     }
     result["seconds"] += time.perf_counter() - t0
-
-
-def _graph_note(cmp: Any, base: nn.Module) -> str:
-    """Explain the one known, harmless `same_graph` miss: the base model's fresh classifier
-    bias is all zeros and the exporter's optimiser drops an all-zero Gemm bias, so the base
-    file has one initializer fewer than the folded one (whose trained bias is not zero)."""
-    if cmp.same_graph or cmp.op_diff or cmp.base.node_count != cmp.other.node_count:
-        return ""
-    bias = base.classifier.bias
-    if (not cmp.initializer_shapes_only_in_base and not bool(bias.any())
-            and cmp.initializer_shapes_only_in_other == {f"float32[{bias.shape[0]}]": 1}):
-        return ("The only structural difference is one initializer: the base model's fresh "
-                "classifier bias is all zeros, which the ONNX exporter's optimiser drops from "
-                "its Gemm; the trained (folded) bias is not zero, so it stays. Same ops, same "
-                "node count, no adapter left in the folded graph.")
-    return ""
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -380,5 +375,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             q = onnx["int8"]
             print(f"  int8: dev accuracy {100 * q['accuracy']:.2f}% (fp32 "
                   f"{100 * q['accuracy_fp32']:.2f}%), {q['speedup']:.2f}x as fast as fp32")
-    print(f"  total {report['timings']['total_seconds']:.0f} s, status: {report['status']}")
+    print(f"  total {report['timings']['total_seconds']:.0f} s "
+          f"({describe_conditions(report['environment']['conditions'])}), "
+          f"status: {report['status']}")
     return 0 if report["status"] == "ok" else 1
