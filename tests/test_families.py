@@ -158,3 +158,75 @@ def test_data_dependent_loss_code_gets_a_hint_about_labels() -> None:
     eager.train()
     eager(input_ids=ids, labels=labels).loss.backward()
     assert all(a.A.grad is not None for a in cbx.adapters(eager).values())
+
+
+class RecordsOnFirstCall(nn.Module):
+    """Installs output-recording hooks on its first call and marks itself, as transformers'
+    ``maybe_install_capturing_hooks`` does; pairs what was recorded with its heads by zip, as
+    Segformer's decode head pairs ``hidden_states`` with its projections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.heads = nn.ModuleList([nn.Linear(8, 4), nn.Linear(8, 4)])
+
+    def _record(self, module, args, output) -> None:
+        self._seen.append(output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "_hooks_installed", False):
+            for layer in (self.a, self.b):
+                layer.register_forward_hook(self._record)
+            self._hooks_installed = True
+        self._seen = []
+        self.b(torch.relu(self.a(x)))
+        return sum(head(h) for head, h in zip(self.heads, self._seen, strict=False))
+
+
+def test_hooks_a_forward_installs_while_captured_are_undone_with_their_flag() -> None:
+    """Each capture (train, eval) starts from the module as it was: the hooks its first call
+    installed do not pile up (doubled, the eval graph paired head 1 with layer a's output)."""
+    torch.manual_seed(0)
+    model = RecordsOnFirstCall()
+    x = torch.randn(3, 8)
+    tm = cbx.transform(model, cbx.Spec(targets=["a", "b"], rank=2), example_inputs=(x,),
+                       capture="graph")
+    assert not getattr(tm._twin, "_hooks_installed", False)
+    assert all(not m._forward_hooks for m in tm._twin.modules())
+    with torch.no_grad():
+        want = model.eval()(x)  # B = 0: the adapters add nothing yet
+        for mode in ("train", "eval"):
+            getattr(tm, mode)()
+            torch.testing.assert_close(tm(x), want)
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+        tm.eval()
+        torch.testing.assert_close(cbx.fold(tm)(x), tm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_segformer_captures_trains_and_folds() -> None:
+    """Segformer's decode head reads ``hidden_states`` that transformers' output-recording
+    hooks collect: it took the eager fallback (train-mode capture failed with a shape error)."""
+    cfg = transformers.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1],
+                                       sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       patch_sizes=[3, 3], strides=[2, 2],
+                                       num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                                       decoder_hidden_size=32)
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    tm = cbx.transform(model, cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=2),
+                       example_kwargs={"pixel_values": x})
+    assert tm.capture_info["capture"] == "graph"
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.3)
+    tm.train()
+    tm(pixel_values=torch.randn(3, 3, 16, 16)).logits.pow(2).mean().backward()
+    assert all(a.A.grad is not None for a in cbx.adapters(tm).values())
+    tm.eval()
+    with torch.no_grad():
+        ours = tm(pixel_values=x).logits
+        assert (ours - model(pixel_values=x).logits).abs().max() > 1e-5
+        torch.testing.assert_close(cbx.fold(tm)(pixel_values=x).logits, ours,
+                                   rtol=1e-4, atol=1e-5)

@@ -351,21 +351,37 @@ def export_graph(
                     list(dict.fromkeys(hf + recorder.found)), seconds, bound)
 
 
-def _module_attrs(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
-    return [(m, dict(vars(m))) for m in model.modules()]
+# nn.Module's hook dicts (forward, backward, state-dict hooks): restored by content
+_HOOK_DICTS = tuple(k for k in vars(nn.Linear(1, 1)) if "hooks" in k)
+
+_Saved = list[tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]]
 
 
-def _restore_attrs(model: nn.Module, saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+def _module_attrs(model: nn.Module) -> _Saved:
+    return [(m, dict(vars(m)), {k: dict(vars(m)[k]) for k in _HOOK_DICTS if k in vars(m)})
+            for m in model.modules()]
+
+
+def _restore_attrs(model: nn.Module, saved: _Saved) -> None:
     """Undo what the model's forward stored on its modules while traced (Funnel keeps
     ``self.seq_len = inputs_embeds.size(1)``): a symbolic size or fake tensor left on the twin
-    would break every later copy of it (fold, generate)."""
-    for m, before in saved:
+    would break every later copy of it (fold, generate). Hooks the forward registered go too,
+    with the flag that says so: transformers installs its output-recording hooks on the first
+    call and marks the model (``_output_capturing_hooks_installed``); dropping only the mark
+    doubled the hooks at the next capture (Segformer's decode head then zipped shifted
+    ``hidden_states`` with its projections; LLaVA's folded graph gained an output)."""
+    for m, before, hooks in saved:
         now = vars(m)
         for k in [k for k in now if k not in before]:
             del now[k]
         for k, v in before.items():
             if now.get(k, v) is not v:
                 now[k] = v
+        for k, contents in hooks.items():
+            d = now[k]
+            if d.keys() != contents.keys():
+                d.clear()
+                d.update(contents)
 
 
 def _written_state(graph: fx.Graph) -> list[str]:
