@@ -24,7 +24,7 @@ from .errors import (
     close_names,
 )
 from .model import CapaBoostModel, GraphProgram
-from .passes.blocks import auto_blocks, install_blocks, plan_blocks
+from .passes.blocks import auto_blocks, install_blocks, modules_matching, plan_blocks
 from .passes.capture import (
     Captured,
     UncapturableError,
@@ -70,7 +70,8 @@ def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tu
     return example_inputs, kwargs
 
 
-def _check_model(model: Any) -> None:
+def _check_call(model: Any, spec: Any, capture: Any, modes: Any = None) -> None:
+    """Arguments of `transform` and of `inspect` (which takes spec=None and no modes)."""
     if isinstance(model, GraphProgram):
         raise AlreadyTransformedError(
             f"got a {type(model).__name__}, which capaboost_fx already produced; transform the "
@@ -78,6 +79,13 @@ def _check_model(model: Any) -> None:
         )
     if not isinstance(model, nn.Module):
         raise SpecTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(spec, Spec) and not (spec is None and modes is None):
+        raise SpecTypeError(f"spec must be a capaboost_fx.Spec, got {type(spec).__name__}.")
+    if capture not in CAPTURE_CHOICES:
+        raise SpecError(f"capture must be one of {CAPTURE_CHOICES}, got {capture!r}.")
+    if modes is not None and not (isinstance(modes, (tuple, list))
+                                  and {"train"} <= set(modes) <= {"train", "eval"}):
+        raise SpecError(f"modes must be ('train',) or ('train', 'eval'), got {modes!r}.")
 
 
 # ----------------------------------------------------------------------------- state
@@ -254,11 +262,7 @@ def transform(
         >>> sorted(cbx.adapters(tm))
         ['0']
     """
-    _check_model(model)
-    if not isinstance(spec, Spec):
-        raise SpecTypeError(f"spec must be a capaboost_fx.Spec, got {type(spec).__name__}.")
-    if capture not in CAPTURE_CHOICES:
-        raise SpecError(f"capture must be one of {CAPTURE_CHOICES}, got {capture!r}.")
+    _check_call(model, spec, capture, modes)
     reason = _eager_reason_before_capture(model, capture)
     if reason is None:
         try:
@@ -274,7 +278,7 @@ def transform(
                 f"{reason}. capaboost_fx trains it eagerly instead (capture='eager': the same "
                 "adapters on its linear modules, the same fold and files; no per-block "
                 "graphs). Pass capture='graph' to get the error instead."), stacklevel=2)
-    return _transform_eager(model, spec, reason, checkpoint)
+    return _transform_eager(model, spec, reason, blocks, checkpoint)
 
 
 def _eager_reason_before_capture(model: nn.Module, capture: str) -> str | None:
@@ -317,11 +321,14 @@ def _runs_eagerly(model: nn.Module, example_inputs: Any,
     return True
 
 
-def _transform_eager(model: nn.Module, spec: Spec, reason: str, checkpoint: Any
+def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, checkpoint: Any
                      ) -> CapaBoostModel:
     """The eager path (`capaboost_fx.passes.eager`): no capture, hooks on linear modules."""
     t0 = time.perf_counter()
     shell = shared_shell(model)
+    for what, value in (("blocks", blocks), ("checkpoint", checkpoint)):
+        if value not in (None, True, False, "auto"):  # patterns: each must name a module
+            modules_matching(shell, value, what)
     candidates = find_modules(shell)
     selection = select(candidates, spec)
     check(selection, candidates, spec, [n for n, _ in shell.named_modules()])
@@ -453,7 +460,7 @@ def inspect(
     Example:
         >>> print(cbx.inspect(model, spec, example_inputs=(ids,)))   # doctest: +SKIP
     """
-    _check_model(model)
+    _check_call(model, spec, capture)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
     if capture == "eager" or (capture == "auto" and quantized_weights(model)):
         candidates: dict[str, Any] = find_modules(model)

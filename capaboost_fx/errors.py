@@ -39,6 +39,44 @@ class InputError(CapaBoostError, ValueError):
     """Example inputs, or inputs at run time, do not fit what was captured."""
 
 
+class ForwardError(CapaBoostError, RuntimeError):
+    """Calling a module capaboost_fx returned failed inside the model's computation: its own
+    code (eager path) or an op of a captured graph. The message says where; the original
+    exception is the ``__cause__``. Subclasses keep the original's builtin family, so
+    ``except ValueError`` still catches a ValueError the model raised."""
+
+
+class ForwardValueError(ForwardError, ValueError):
+    """`ForwardError` of a ValueError."""
+
+
+class ForwardTypeError(ForwardError, TypeError):
+    """`ForwardError` of a TypeError."""
+
+
+class ForwardLookupError(ForwardError, IndexError, KeyError):
+    """`ForwardError` of an IndexError or KeyError."""
+
+    __str__ = Exception.__str__  # KeyError's would quote the message
+
+
+class ForwardInputError(ForwardError, InputError):
+    """A call failed because of one argument (its rank, dtype, a size outside the captured
+    range or the model's limits, ids outside the vocabulary); the message names it."""
+
+
+def forward_error(err: BaseException, message: str, blame: bool = False) -> ForwardError:
+    """A `ForwardError` of `err`'s builtin family carrying `message` (raise it ``from err``):
+    `ForwardInputError` when an argument is to blame for a RuntimeError or a failed guard."""
+    if blame and isinstance(err, (RuntimeError, InputError)):
+        return ForwardInputError(message)
+    for base, cls in ((ValueError, ForwardValueError), (TypeError, ForwardTypeError),
+                      (LookupError, ForwardLookupError)):
+        if isinstance(err, base):
+            return cls(message)
+    return ForwardError(message)
+
+
 class NotTransformedError(CapaBoostError, TypeError):
     """A function that needs a `transform`-ed module got something else."""
 

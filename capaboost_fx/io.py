@@ -28,6 +28,7 @@ from .errors import (
     AdapterFileNotFoundError,
     CapaBoostError,
     CapaBoostWarning,
+    SpecTypeError,
     close_names,
 )
 from .merge import weight_shape
@@ -45,12 +46,20 @@ def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
     Example:
         >>> cbx.save_adapter(train_model, "adapter.safetensors")     # doctest: +SKIP
     """
-    return write_adapter(require_training(train_model, "save_adapter()"), path)
+    tm = require_training(train_model, "save_adapter()")
+    return write_adapter(tm, _as_path(path, "save_adapter()"))
+
+
+def _as_path(path: Any, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecTypeError(f"{what} needs a file path (str or os.PathLike), got "
+                            f"{type(path).__name__}.")
+    return Path(path)
 
 
 def adapter_path(path: str | os.PathLike) -> Path:
     """`path`, or the adapter file inside it when it is a ``save_pretrained`` directory."""
-    path = Path(path)
+    path = _as_path(path, "an adapter file")
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
         return path / ADAPTER_FILE
     return path

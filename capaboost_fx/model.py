@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from .adapter import CapaBoostAdapter
 from .errors import CapaBoostError, InputError, NotTransformedError
 from .model_like import AdapterModelLike, ModelLike
+from .passes.diagnose import call_error, forward_failure, refused_call
 from .variant import Variant, _compile, autocast_state
 
 
@@ -133,15 +134,14 @@ class GraphProgram(_Unpicklable, nn.Module):
             )
         try:
             variant = self._build(self, mode, args, kwargs, found)
-        except CapaBoostError as e:
-            if not new_shape:
-                raise
+        except CapaBoostError as e:  # say how this call differs from those captured
             sizes = {k: v for v in same for k, v in v.fixed_names().items()}
-            raise InputError(
-                f"input does not fit the shapes captured: the model fixes {sizes} and refuses "
-                f"this call's sizes there (capturing them failed: "
-                f"{str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else e})."
-            ) from e
+            inputs = [v.inputs(next(iter(v.graphs)), args, kwargs, self._param_names())
+                      for v in (same or self._variants)]
+            refused = refused_call(self, sizes if new_shape else None, inputs, e)
+            if refused is None:
+                raise
+            raise refused from e
         variant.autocast = state
         self._add_variant(variant)
         if new_shape:
@@ -173,9 +173,17 @@ class GraphProgram(_Unpicklable, nn.Module):
         if torch.compiler.is_dynamo_compiling():  # no capture inside a compiled region
             variant = next((v for v in self._variants if mode in v.fns
                             and v.same_names(args, kwargs)), self._variants[0])
-        else:
-            variant = self.variant_for(args, kwargs, mode)
-        return variant.run(mode, self, args, kwargs)
+            return variant.run(mode, self, args, kwargs)
+        variant = self.variant_for(args, kwargs, mode)
+        try:
+            return variant.run(mode, self, args, kwargs)
+        except torch.OutOfMemoryError:
+            raise  # not the inputs' fault: callers catch it to shrink the batch
+        except Exception as e:
+            if isinstance(e, CapaBoostError) and not getattr(e, "guard", False):
+                raise
+            inputs = variant.inputs(mode, args, kwargs, self._param_names())
+            raise call_error(e, self, mode, *inputs) from e
 
     @property
     def graphs(self) -> dict[str, fx.Graph]:
@@ -259,6 +267,18 @@ def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
     return holder
 
 
+def run_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """`model`'s own forward; what it raises comes back as a `ForwardError` naming it."""
+    if torch.compiler.is_dynamo_compiling():
+        return model(*args, **kwargs)
+    try:
+        return model(*args, **kwargs)
+    except (CapaBoostError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise forward_failure(e, model) from e
+
+
 class CapaBoostModel(AdapterModelLike, GraphProgram):
     """The training module `transform` returns. Call it exactly as you call your model
     (any argument structure; a new one is captured once); ``.train()`` / ``.eval()`` behave
@@ -307,7 +327,7 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return self.base_model(*args, **kwargs)
+            return run_eagerly(self.base_model, args, kwargs)
         if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
             meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
             if meta:
@@ -362,7 +382,7 @@ class FoldedModel(ModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return self.base_model(*args, **kwargs)
+            return run_eagerly(self.base_model, args, kwargs)
         return super().forward(*args, **kwargs)
 
     @property

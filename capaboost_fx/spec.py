@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SpecError, SpecTypeError
+from .errors import SpecError, SpecTypeError, TargetNotFoundError, close_names
 from .masks import is_known_kind, mask_kinds, nm_density
 
 METHODS = ("lora", "padapter", "sadapter")
@@ -336,6 +336,30 @@ class Spec:
             if pattern_matches(pattern, name):
                 values.update(override)
         return dataclasses.replace(self, overrides={}, **values) if values else self
+
+    def check_patterns(self, candidates: list[str], targets: list[str],
+                       skipped: Mapping[str, Any] | None = None) -> None:
+        """Raise `TargetNotFoundError` for an ``exclude`` entry that names none of the
+        `candidates`, or an ``overrides`` pattern that names none of the chosen `targets` (its
+        settings would never apply), with the closest names. `skipped`: why each candidate
+        that is not a target was left alone."""
+        for p in self.exclude:
+            if not any(pattern_matches(p, n) for n in candidates):
+                raise TargetNotFoundError(
+                    f"Spec.exclude entry {p!r} matched none of the {len(candidates)} candidate "
+                    f"target names, so it excludes nothing. Closest names: "
+                    f"{close_names(p, candidates)}.")
+        for p, values in self.overrides.items():
+            if any(pattern_matches(p, n) for n in targets):
+                continue
+            others = [n for n in candidates if pattern_matches(p, n)]
+            why = (f" It matches {others[0]!r}, which is not a target"
+                   f" ({(skipped or {}).get(others[0], 'not matched by targets')})."
+                   if others else "")
+            raise TargetNotFoundError(
+                f"Spec.overrides pattern {p!r} matched none of the {len(targets)} targets, so "
+                f"its settings {values} would never apply.{why} Closest target names: "
+                f"{close_names(p, targets)}.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; `Spec.from_dict` inverts it."""

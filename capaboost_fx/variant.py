@@ -35,6 +35,17 @@ def _compile(graph: fx.Graph) -> tuple[Callable[..., Any], str]:
     return _forward_from_src(py.src, py.globals, getattr(graph, "_co_fields", {})), py.src
 
 
+def _path_name(path: tuple, params: list[str]) -> str:
+    """``(SequenceKey(0), SequenceKey(1), ...)`` -> the argument's name (``params[1]``...)."""
+    where, key, *rest = path
+    if where.idx == 0:
+        i = key.idx
+        base = params[i] if i < len(params) else f"argument {i}"
+    else:
+        base = str(key.key)
+    return base + "".join(str(k) for k in rest)
+
+
 def autocast_state() -> tuple | None:
     """``(device type, dtype)`` of the ``torch.autocast`` region we are in, or None."""
     for device in ("cuda", "cpu"):
@@ -74,13 +85,22 @@ class Variant:
                 for (i, d), n in self.fixed.items()}
 
     def fits(self, args: tuple, kwargs: dict) -> bool:
-        """The sizes the model's code fixed at capture are this call's sizes too."""
-        if not self.fixed:
-            return True
+        """The ranks of tensor inputs, and the sizes the model's code fixed at capture, are
+        this call's too."""
         kwargs = {k: v for k, v in kwargs.items() if k not in self.bound}
         flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), self.in_spec)
+        ranks = self._ranks()
+        if any(isinstance(x, torch.Tensor) and r is not None and x.dim() != r
+               for x, r in zip(flat, ranks, strict=False)):
+            return False  # a graph is captured for one rank per input
         return all(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() > d
                    and flat[i].shape[d] == n for (i, d), n in self.fixed.items())
+
+    def _ranks(self) -> list[int | None]:
+        graph = next(iter(self.graphs.values()), None)
+        nodes = graph.find_nodes(op="placeholder") if graph is not None else []
+        return [v.dim() if isinstance(v := n.meta.get("val"), torch.Tensor) else None
+                for n in nodes]
 
     def compile(self) -> None:
         for mode, g in self.graphs.items():
@@ -93,6 +113,25 @@ class Variant:
         # Graphs are captured for contiguous inputs (views are made contiguous at capture).
         flat = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in flat]
         return pytree.tree_unflatten(list(self.fns[mode](module, *flat)), self.out_spec)
+
+    def inputs(self, mode: str, args: tuple, kwargs: dict,
+               params: list[str] = ()) -> tuple[list, list]:
+        """``([(name, captured meta value)], [given value])`` for the flat inputs of `mode`'s
+        graph that this call passes too, by name (what `passes.diagnose` compares; the call
+        may have another structure): ``input_ids``, ``x`` (positional, by the forward's
+        `params`), ``past[0][1]``."""
+        nodes = list(self.graphs[mode].find_nodes(op="placeholder"))
+        try:
+            paths = pytree.tree_flatten_with_path(
+                pytree.tree_unflatten(list(range(len(nodes))), self.in_spec))[0]
+            names = [_path_name(p, params) for p, _ in paths]
+            called = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]
+        except Exception:  # noqa: BLE001 - nothing to compare
+            return [], []
+        given = {_path_name(p, params): v for p, v in called}
+        pairs = [((m, n.meta.get("val")), given[m])
+                 for m, n in zip(names, nodes, strict=False) if m in given]
+        return [p for p, _ in pairs], [g for _, g in pairs]
 
     def signature(self, names: list[str] | None = None) -> inspect.Signature:
         """The captured call as a signature; positional names from the model's forward."""

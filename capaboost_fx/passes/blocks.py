@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import TargetNotFoundError, close_names
+from ..errors import SpecTypeError, TargetNotFoundError, close_names
 from ..model import BlockProgram
 from ..spec import pattern_matches
 
@@ -37,9 +37,14 @@ def _outermost(names: list[str]) -> list[str]:
     return out
 
 
-def _by_patterns(model: nn.Module, patterns: Any, what: str) -> list[str]:
+def modules_matching(model: nn.Module, patterns: Any, what: str) -> list[str]:
+    """The modules `patterns` name; a pattern that names none is a `TargetNotFoundError`
+    naming it, what it was matched against, and the closest module names."""
     if isinstance(patterns, str):
         patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise SpecTypeError(f"{what}= takes a pattern or a list of patterns (globs such as "
+                            f"'model.layers.*'), got {patterns!r}.")
     names = [n for n, _ in model.named_modules() if n]
     out = []
     for p in patterns:
@@ -61,12 +66,12 @@ def plan_blocks(twin: nn.Module, blocks: Any, checkpoint: Any,
     elif not blocks:
         chosen, explicit = [], set()
     else:
-        chosen = _by_patterns(twin, blocks, "blocks")
+        chosen = modules_matching(twin, blocks, "blocks")
         explicit = set(chosen)
     if checkpoint is True:
         ck = list(chosen)
     elif checkpoint:
-        ck = _by_patterns(twin, checkpoint, "checkpoint")
+        ck = modules_matching(twin, checkpoint, "checkpoint")
         explicit |= set(ck)
     else:
         ck = []

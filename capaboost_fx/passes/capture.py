@@ -314,7 +314,8 @@ def export_graph(
         raise
     except Exception as e:
         raise UncapturableError(
-            explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound))) from e
+            explain_failure(twin, mode_name, e, tuple(kwargs) + tuple(bound),
+                            (tuple(args), dict(kwargs)))) from e
     finally:
         twin.train(was_training)
         _restore_attrs(twin, attrs)
@@ -338,7 +339,7 @@ def export_graph(
             constants[key] = value.detach()
             node.target = f"{CONSTANTS}.{key}"
         elif node.op == "call_module" and node.target == "_guards_fn":
-            guard = InputGuard(gm._guards_fn.forward, mode_name, ep.range_constraints)
+            guard = InputGuard(gm._guards_fn.forward, mode_name)
             node.op, node.target = "call_function", guard
         elif node.op == "call_module":
             raise CaptureError(f"unexpected submodule call {node.target!r} in the captured graph")

@@ -484,3 +484,5 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec,
             f"no target left: targets={spec.targets} matched {len(candidates)} candidates, "
             f"exclude={spec.exclude} removed them all. Narrow exclude."
         )
+    spec.check_patterns(all_names, list(selection.targets),
+                        {n: r.message for n, r in selection.skipped.items()})
