@@ -41,7 +41,14 @@ from .errors import (
 from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
 from .model import CapaBoostModel, FoldedModel
-from .onnx import CompareReport, ExportReport, compare_onnx, export_onnx, verify_onnx
+from .onnx import (
+    CompareReport,
+    ExportOptions,
+    ExportReport,
+    compare_onnx,
+    export_onnx,
+    verify_onnx,
+)
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
@@ -65,6 +72,7 @@ __all__ = [
     "export_onnx",
     "verify_onnx",
     "compare_onnx",
+    "ExportOptions",
     "ExportReport",
     "CompareReport",
     "mask_kinds",

@@ -28,15 +28,11 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
 
-# Private torch API (pinned: torch>=2.13,<2.14): compiles generated graph code bound to our
-# module, as fx.GraphModule does for itself.
-from torch.utils import _pytree as pytree
-
 from .adapter import CapaBoostAdapter
 from .errors import CapaBoostError, InputError, NotTransformedError
 from .model_like import AdapterModelLike, ModelLike
 from .passes.diagnose import call_error, forward_failure, refused_call
-from .variant import Variant, _compile, autocast_state
+from .variant import Variant, _compile, autocast_state, graph_dynamic_shapes
 
 
 class _Unpicklable:
@@ -87,24 +83,10 @@ class GraphProgram(_Unpicklable, nn.Module):
     def dynamic_shapes_for(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """``dynamic_shapes`` for exporting this call (``torch.export``, ONNX), read from the
         captured graph: the dims that are symbolic there are dynamic, no guessing."""
-        from torch.export import Dim
-        from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
         variant = self.variant_for(tuple(args), dict(kwargs), "eval")
         graph = variant.graphs.get("eval") or next(iter(variant.graphs.values()))
-        dims = []
-        for node in graph.find_nodes(op="placeholder"):
-            val = node.meta.get("val")
-            dims.append({d: Dim.AUTO for d, n in enumerate(val.shape)
-                         if not is_concrete_int(n)} or None
-                        if isinstance(val, torch.Tensor) else None)
-        arg_dims, kw_dims = pytree.tree_unflatten(dims, variant.in_spec)
         names = list(variant.signature(self._param_names()).parameters)
-        out = dict(zip(names, arg_dims, strict=False))
-        out.update(kw_dims)
-        # tensor-free keywords (use_cache=False) are inputs of the call, static ones
-        out.update({k: None for k in kwargs if k not in out})
-        return out
+        return graph_dynamic_shapes(graph, variant.in_spec, names, kwargs) or {}
 
     def _param_names(self) -> list[str]:
         twin = self.__dict__.get("_twin")

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,3 +182,31 @@ class Variant:
             warnings.simplefilter("ignore", FutureWarning)
             new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
+
+
+def graph_dynamic_shapes(graph: torch.fx.Graph, in_spec: Any, param_names: list[str],
+                         kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``dynamic_shapes`` read from a captured graph: ``Dim.AUTO`` on the dims that are
+    symbolic in its placeholders, by parameter name (None when the placeholders do not fit
+    `in_spec`). The one rule for export: what the capture left dynamic is dynamic."""
+    vals = [node.meta.get("val") for node in graph.find_nodes(op="placeholder")]
+    return dynamic_shapes_of(vals, in_spec, param_names, kwargs)
+
+
+def dynamic_shapes_of(vals: list[Any], in_spec: Any, param_names: list[str],
+                      kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`graph_dynamic_shapes` from the inputs' traced values (fake tensors, in `in_spec`
+    order)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    dims = [{d: torch.export.Dim.AUTO for d, n in enumerate(v.shape) if not is_concrete_int(n)}
+            or None if isinstance(v, torch.Tensor) else None for v in vals]
+    try:
+        arg_dims, kw_dims = pytree.tree_unflatten(dims, in_spec)
+    except (ValueError, TypeError):
+        return None
+    out = dict(zip(param_names, arg_dims, strict=False))
+    out.update(kw_dims)
+    # tensor-free keywords (use_cache=False) are inputs of the call, static ones
+    out.update({k: None for k in kwargs if k not in out})
+    return out

@@ -206,7 +206,7 @@ def test_int8_export_is_quantized_and_agrees_on_argmax(files):
 def test_a_fused_graph_that_fails_verification_falls_back_to_the_plain_one(
     files, tmp_path, monkeypatch
 ):
-    import capaboost_fx.onnx.export as export_module
+    import capaboost_fx.onnx.candidates as export_module
 
     real = export_module.verify_onnx
 

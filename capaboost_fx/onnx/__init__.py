@@ -2,7 +2,9 @@
 
 | module | what |
 | --- | --- |
-| `export` | `export_onnx`: dynamo export, fusions, int8, verification, atomic write |
+| `export` | `export_onnx`, `ExportOptions`: make → check → choose → commit |
+| `options`, `candidates`, `exporters` | the example call, the candidate graphs (dynamo, TorchScript), their checks |
+| `failure` | a failed export as a short `ExportError`: the op, the module, the model's line |
 | `verify` | `verify_onnx`: onnxruntime vs PyTorch at two shapes and two optimization levels |
 | `stats` | `onnx_stats`, `compare_onnx`: one implementation of ONNX file statistics |
 | `runtime` | `open_session` (honest provider choice), `measure_latency` (the one latency timer) |
@@ -20,7 +22,12 @@ Example::
 
 from __future__ import annotations
 
-from capaboost_fx.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportReport, export_onnx
+from capaboost_fx.onnx.export import (
+    EXTERNAL_DATA_THRESHOLD,
+    ExportOptions,
+    ExportReport,
+    export_onnx,
+)
 from capaboost_fx.onnx.optimize import fuse_for_ort, quantize_int8
 from capaboost_fx.onnx.runtime import (
     LatencyStats,
@@ -38,6 +45,7 @@ from capaboost_fx.onnx.verify import VerifyResult, verify_onnx
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "CompareReport",
+    "ExportOptions",
     "ExportReport",
     "LatencyStats",
     "OnnxStats",

@@ -1,11 +1,13 @@
 """Export a (folded) model to an optimized ONNX file, verified before it lands on disk.
 
-`export_onnx` runs ``torch.onnx.export(..., dynamo=True)`` (the torch.export based exporter)
-with dynamic dims named ``batch`` and ``sequence``, applies onnxruntime's transformer fusions
-(``optimize="ort"``, the default) and optionally int8 dynamic quantization
-(``quantize="int8"``), checks the file with ``onnx.checker``, runs it in onnxruntime against
-PyTorch at two shapes and two graph optimization levels (`verify_onnx`), and only then moves it
-onto `path` (atomically; external weight data included).
+`export_onnx` is a short pipeline: run the example (`example_call`: the reference output,
+the dims that stay dynamic), **make** the candidate graphs its options ask for
+(`dynamo_candidates`: ``torch.export`` then ``torch.onnx.export``, fused for onnxruntime;
+`torchscript_candidates`: the TorchScript exporter, which needs no dynamo export), **check**
+each (``onnx.checker``, onnxruntime against PyTorch at two shapes and two optimization
+levels: `verify_onnx`), **choose** the first that passed (or the fastest), and **commit** it
+onto `path` atomically (external weight data included). Options are one typed object,
+`ExportOptions`; a failure is a short `ExportError` (`failure.export_failure`).
 
 Example::
 
@@ -20,46 +22,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from capaboost_fx.errors import ExportError, InputError, VerificationError
 from capaboost_fx.model import FoldedModel
-from capaboost_fx.onnx.exporters import DESCRIBE, time_candidates, torchscript_candidates
-from capaboost_fx.onnx.optimize import (
-    EXTERNAL_DATA_THRESHOLD,
-    check_options,
-    fuse_for_ort,
-    quantize_int8,
-    quiet_loggers,
-)
-from capaboost_fx.onnx.runtime import open_session
-from capaboost_fx.onnx.shapes import (
-    as_args,
-    axis_names,
-    choose_dynamic_shapes,
-    eval_mode,
-    without_cache,
-)
-from capaboost_fx.onnx.shapes import output_names as default_output_names
-from capaboost_fx.onnx.stats import external_locations, load_proto, onnx_stats
-from capaboost_fx.onnx.translations import translation_table
-from capaboost_fx.onnx.verify import DEFAULT_ATOL, DEFAULT_RTOL, VerifyResult, verify_onnx
-from capaboost_fx.passes.capture import bind_static, split_static_kwargs
+from capaboost_fx.onnx.candidates import check_candidate, choose, dynamo_candidates
+from capaboost_fx.onnx.exporters import DESCRIBE, torchscript_candidates
+from capaboost_fx.onnx.optimize import EXTERNAL_DATA_THRESHOLD
+from capaboost_fx.onnx.options import Candidate, ExampleCall, ExportOptions, example_call
+from capaboost_fx.onnx.stats import OnnxStats, external_locations, load_proto, onnx_stats
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportReport", "export_onnx"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportOptions", "ExportReport", "export_onnx"]
+
+# The exporters each `optimize` value tries, in order of preference. A pinned TorchScript
+# export runs without the dynamo exporter; the dynamo one is its fallback only when the
+# TorchScript graph cannot be made (no eager form) or fails its check.
+PLAN = {"ort": ("dynamo",), "none": ("dynamo",), "fastest": ("dynamo", "torchscript"),
+        "torchscript": ("torchscript", "dynamo"), "torchscript+ort": ("torchscript", "dynamo")}
 
 
 @dataclass
@@ -96,22 +85,6 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep the exporter's progress chatter and third-party deprecation noise out of the log.
-
-    Errors still propagate as exceptions; only warnings and log records below ERROR are hidden.
-    """
-    names = ["torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir", "torch.fx"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # A torch.export graph has no real train/eval switch; the exporter warns for it anyway.
-        warnings.filterwarnings("ignore", message=".*training mode.*", category=UserWarning)
-        with quiet_loggers(*names):
-            yield
 
 
 def _make_tempdir(final: Path) -> Path:
@@ -170,127 +143,62 @@ def _commit(tmpdir: Path, final: Path) -> None:
                 (parent / loc).unlink()
 
 
+def _make(exporter: str, call: ExampleCall, opts: ExportOptions, tmpdir: Path, final: Path,
+          plain: Path | None) -> list[Candidate]:
+    if exporter == "dynamo":
+        return dynamo_candidates(call, opts, tmpdir, final)
+    return torchscript_candidates(call, opts, tmpdir, final, plain)
 
-def _export_program(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    dynamic_shapes: Any,
-    opset: int | None,
-    input_names: Sequence[str] | None,
-    names: list[str],
-    final: Path,
-) -> Any:
-    with eval_mode(module), _quiet():
+
+def _fail(call: ExampleCall, final: Path, text: str) -> None:
+    call.notes.append(text)
+    warnings.warn(f"{final}: {text}", RuntimeWarning, stacklevel=4)
+
+
+def _make_and_check(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
+                    final: Path) -> list[Candidate]:
+    """Make and check the candidates in order of preference, up to the first that passes (all
+    of them for "fastest"); raise the last failure when none passes."""
+    passed: list[Candidate] = []
+    errors: list[Exception] = []
+    plain = None
+    for exporter in PLAN[opts.optimize]:
+        if passed and opts.optimize != "fastest":
+            break
         try:
-            program = torch.onnx.export(
-                module,
-                args,
-                kwargs=kwargs,
-                dynamo=True,
-                verbose=False,
-                dynamic_shapes=dynamic_shapes,
-                opset_version=opset,
-                input_names=list(input_names) if input_names is not None else None,
-                output_names=names,
-                optimize=True,
-                custom_translation_table=translation_table(),
-            )
-        except Exception as e:
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the exporter colours its text
-            raise ExportError(
-                f"torch.onnx.export failed for {type(module).__name__} -> {final}: "
-                f"{type(e).__name__}: {text}"
-            ) from e
-    shapes = [
-        (v.name, [d.value if hasattr(d, "value") else d for d in (v.shape or [])])
-        for v in program.model.graph.inputs
-    ]
-    mapping = axis_names([(n, [d for d in s if isinstance(d, (str, int))]) for n, s in shapes])
-    if mapping:
-        program.rename_axes(mapping)
-    return program
-
-
-def _save(program: Any, stage: Path, name: str, external: bool) -> Path:
-    stage.mkdir()
-    path = stage / name
-    try:
-        # With external data the exporter names the data file "<file name>.data"; the staged
-        # model already has the final file name, so the name stays right after the move.
-        program.save(path, external_data=external)
-    except Exception as e:
-        raise ExportError(f"cannot save ONNX model {name}: {e}") from e
-    return path
-
-
-def _check(path: Path, final: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(os.fspath(path))
-    except Exception as e:
-        raise ExportError(f"onnx.checker rejects the model exported for {final}: {e}") from e
-
-
-def _finish(
-    kind: str,
-    staged: Path,
-    fusions: dict[str, int],
-    quantize: str | None,
-    use_external: bool,
-    verify: bool,
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    *,
-    rtol: float,
-    atol: float,
-    providers: Any,
-    final: Path,
-) -> tuple[str, Path, dict[str, int], dict[str, int], VerifyResult | None]:
-    """Quantize (if asked), check and verify one staged candidate; raise if it is not good."""
-    quantized_ops: dict[str, int] = {}
-    if quantize == "int8":
-        (staged.parent.parent / f"int8_{kind}").mkdir()
-        target = staged.parent.parent / f"int8_{kind}" / final.name
-        quantized_ops = quantize_int8(staged, target, external_data=use_external)
-        staged = target
-    if kind in ("none", "torchscript"):
-        # A fused graph holds onnxruntime's own operators, some in the default domain
-        # (SimplifiedLayerNormalization) that onnx.checker does not know: onnxruntime is its
-        # judge (it loads the graph with its schemas, and verification runs it). The plain
-        # graph was checked before fusing; a quantized one is checked here again.
-        _check(staged, final)
-    result = None
-    if verify:
-        result = verify_onnx(staged, module, args, kwargs, rtol=rtol, atol=atol,
-                             providers=providers, strict=quantize is None)
-    elif kind != "none" or quantize:
-        # Unverified, but a rewritten graph must at least load (onnxruntime checks its shapes).
-        open_session(staged, providers="cpu", graph_optimization_level="disable")
-    return kind, staged, fusions, quantized_ops, result
+            staged = _make(exporter, call, opts, tmpdir, final, plain)
+        except ExportError as e:
+            errors.append(e)
+            if exporter != PLAN[opts.optimize][-1]:
+                _fail(call, final, f"the {exporter} exporter failed: {e}")
+            continue
+        plain = next((c.path for c in staged if c.kind == "none"), plain)
+        for i, c in enumerate(staged):
+            if passed and opts.optimize != "fastest":
+                break
+            try:
+                passed.append(check_candidate(c, call, opts, final))
+            except (ExportError, VerificationError) as e:
+                errors.append(e)
+                nxt = (f"; falling back to {DESCRIBE[staged[i + 1].kind]}"
+                       if i + 1 < len(staged) and opts.optimize != "fastest" else "")
+                _fail(call, final, f"the {c.kind!r} graph failed its check "
+                      f"({type(e).__name__}: {e}){nxt}")
+    if not passed:
+        raise errors[-1] if errors else ExportError(
+            f"no ONNX graph could be made for {final}: {'; '.join(call.notes)}")
+    return passed
 
 
 def export_onnx(
     module: nn.Module,
     path: str | os.PathLike,
     example_inputs: Any = (),
-    example_kwargs: Mapping[str, Any] | None = None,
-    dynamic_shapes: Any = None,
-    opset: int | None = None,
-    verify: bool = True,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
+    example_kwargs: Any = None,
     *,
-    external_data: bool | None = None,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    providers: str | Sequence[str] = "auto",
-    optimize: str | bool = "ort",
-    quantize: str | None = None,
-    timing_session: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    options: ExportOptions | None = None,
+    **option_fields: Any,
 ) -> ExportReport:
     """Export `module` to an ONNX file at `path`, optimized, checked and verified before it lands.
 
@@ -302,38 +210,19 @@ def export_onnx(
         example_inputs: positional inputs, as the module's forward takes them.
         example_kwargs: keyword inputs; tensor-free ones (``use_cache=False``) are fixed in
             the graph, not inputs of the file.
-        dynamic_shapes: as for ``torch.export``. Default: `auto_dynamic_shapes` (batch and
-            sequence dims dynamic), limited to the dims the module is seen to accept (a
-            ``torch.export`` capture without dynamic shapes runs only at its example's shapes:
-            then the graph is static, with a warning). Capture deploy modules with batch and
-            sequence >= 2: ``torch.export.export`` fixes dims of size 0 or 1. The file names
-            the dims ``batch`` (shared by all inputs) and ``sequence``.
-        opset: ONNX opset (default: the exporter's).
-        verify: compare onnxruntime with PyTorch at the example shape and a second shape, with
-            onnxruntime's graph optimizations on and off; a difference beyond
-            ``atol + rtol * |torch|`` raises `VerificationError` (int8: reported, not raised).
-        input_names: graph input names (default: the forward's argument names).
-        output_names: graph output names; default: the model output's structure
-            (``logits``; ``output_0``, ``output_1`` for tuples).
-        external_data: store weights in ``<path>.data`` (default: when they exceed
-            `external_data_threshold` bytes; protobuf cannot hold 2 GiB).
-        providers: onnxruntime providers for verification ("auto": CUDA when usable).
-        optimize: "ort" (default) applies onnxruntime's transformer fusions (Attention,
-            SkipLayerNormalization, BiasGelu, ...; `fuse_for_ort`) to the exporter's graph;
-            "none" keeps the exporter's graph (constant-folded, cleaned up). Should the fused
-            graph fail verification while the plain one passes, the plain one is written, with
-            a warning and a note in the report. "fastest" also makes the TorchScript
-            exporter's graph (``dynamo=False``, of your eager class with merged weights) and
-            that graph fused by ``onnxruntime.transformers.optimizer``, verifies every one,
-            times them side by side at the example inputs (pass a batch shaped like serving)
-            and writes the fastest; ``report.optimize`` says which won, ``report.timings_ms``
-            has each median. "torchscript" / "torchscript+ort" pin one of those (e.g. to
-            compare a base and a folded export of the same kind with `compare_onnx`).
-        timing_session: `open_session` keywords for timing the "fastest" candidates, e.g.
-            ``{"intra_op_num_threads": 2, "sequential": True}``: the winner depends on the
-            session's threads and spinning, so time them as you will serve.
-        quantize: "int8" writes a dynamically quantized model (`quantize_int8`); verification
-            then reports the max difference and argmax agreement instead of demanding `atol`.
+        dynamic_shapes: as for ``torch.export``. Default: what a captured graph leaves dynamic
+            (a capaboost_fx module's own graph, a ``torch.export`` module's placeholders), or
+            for an eager module ``Dim.AUTO`` on batch and sequence dims, torch.export keeping
+            static what the model fixes. The file names the dims ``batch`` (shared by all
+            inputs) and ``sequence``.
+        options: an `ExportOptions` (optimize, quantize, verify, tolerances, opset, names,
+            external data, providers, timing session).
+        **option_fields: any `ExportOptions` field by name, replacing that of `options`
+            (``optimize="none"``, ``quantize="int8"``, ``verify=False``, ...).
+
+    Returns:
+        An `ExportReport`: the file's inputs, outputs, nodes, fusions and sizes, and how well
+        onnxruntime matched PyTorch.
 
     Example::
 
@@ -341,114 +230,37 @@ def export_onnx(
         rep = export_onnx(deploy, "model.onnx", example_inputs=(ids,))
         rep.max_abs_diff < 1e-4, rep.op_histogram, rep.fusions
     """
-    optimize, quantize = check_options(optimize, quantize)
+    opts = ExportOptions.of(options, option_fields)
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if getattr(module, "eager", False) is True and isinstance(module, FoldedModel):
         module = module.base_model  # the fold of an eager training module: your model itself
-    args = as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
     final = Path(os.fspath(path)).absolute()
     tmpdir = _make_tempdir(final)
-    notes: list[str] = []
-    bound = contextlib.ExitStack()
-    if not hasattr(module, "expose_signature_for"):
-        # Tensor-free keywords (use_cache=False) are fixed, not exported inputs: the rule
-        # capture follows (a captured module bakes them into its graph).
-        static, kwargs = split_static_kwargs(kwargs)
-        bound.enter_context(bind_static(module, static))
     try:
-        with eval_mode(module), torch.no_grad():
-            try:
-                reference = module(*args, **kwargs)
-            except Exception as e:
-                raise InputError(
-                    f"{type(module).__name__} does not run on the example inputs: {e}"
-                ) from e
-            if without_cache(kwargs, reference):  # a decoder's KV cache object
-                notes.append("use_cache=False: a Hugging Face cache object is no ONNX output "
-                             "(decoders with a KV cache: capaboost_fx.onnx.genai)")
-                reference = module(*args, **kwargs)
-            if hasattr(module, "expose_signature_for"):  # capaboost_fx modules: this call's
-                module.expose_signature_for(args, kwargs)  # argument structure
-        names = list(output_names) if output_names is not None else default_output_names(reference)
-        if dynamic_shapes is None:
-            dynamic_shapes, shape_note = choose_dynamic_shapes(module, args, kwargs)
-        else:
-            shape_note = "user"
-
-        start = time.perf_counter()
-        program = _export_program(
-            module, args, kwargs, dynamic_shapes, opset, input_names, names, final
-        )
-        nbytes = sum(
-            v.const_value.nbytes
-            for v in program.model.graph.initializers.values()
-            if v.const_value is not None
-        )
-        use_external = (
-            external_data if external_data is not None else nbytes > external_data_threshold
-        )
-        # Candidates in order of preference: (optimize, staged fp32 file, fusions). The plain
-        # graph is saved before fusing (which rewrites the model in place): it is the result
-        # for optimize="none", and the fallback should the fused graph fail.
-        plain = _save(program, tmpdir / "plain", final.name, use_external)
-        _check(plain, final)
-        candidates: list[tuple[str, Path, dict[str, int]]] = []
-        if optimize in ("ort", "fastest"):
-            try:
-                with _quiet():
-                    program.model, fusions = fuse_for_ort(program.model)
-                if fusions:  # nothing fused (an MLP): the plain graph is the same graph
-                    fused = _save(program, tmpdir / "fused", final.name, use_external)
-                    candidates.append(("ort", fused, fusions))
-            except Exception as e:
-                notes.append(f"onnxruntime fusions failed ({type(e).__name__}: {e}); not fused")
-                warnings.warn(f"{final}: {notes[-1]}", RuntimeWarning, stacklevel=2)
-        candidates.append(("none", plain, {}))  # the result for "none", else the fallback
-        if optimize in ("torchscript", "torchscript+ort", "fastest"):
-            ts = torchscript_candidates(optimize, module, args, kwargs, plain, names, opset,
-                                         use_external, tmpdir, final, notes)
-            candidates = candidates + ts if optimize == "fastest" else ts + candidates
-        del program
-        seconds = time.perf_counter() - start
-
-        passed = []
-        for i, (kind, staged, fusions) in enumerate(candidates):
-            try:
-                passed.append(_finish(kind, staged, fusions, quantize, use_external, verify,
-                                      module, args, kwargs, rtol=rtol, atol=atol,
-                                      providers=providers, final=final))
-            except (ExportError, VerificationError) as e:
-                if i + 1 == len(candidates) and not passed:
-                    raise
-                nxt = candidates[i + 1][0] if i + 1 < len(candidates) else ""
-                notes.append(f"the {kind!r} graph failed its check ({type(e).__name__}: {e})"
-                             + ("" if optimize == "fastest" or not nxt else
-                                f"; falling back to {DESCRIBE[nxt]}"))
-                warnings.warn(f"{final}: {notes[-1]}", RuntimeWarning, stacklevel=2)
-                continue
-            if optimize != "fastest":
-                break
-        timings: dict[str, float] = {}
-        if len(passed) > 1:
-            timings = time_candidates(passed, args, kwargs, providers, timing_session)
-            passed.sort(key=lambda c: timings[c[0]])
-            notes.append(f"fastest of {len(passed)} verified graphs (median ms at the example "
-                         f"inputs): {timings}")
-        kind, staged, fusions, quantized_ops, result = passed[0]
-        if optimize not in ("fastest", kind) and not (optimize == "ort" and kind == "none"):
-            notes.append(f"optimize={optimize!r} could not be made; wrote {DESCRIBE[kind]} "
-                         f"({kind!r})")
-            warnings.warn(f"{final}: {notes[-1]}; see report.verify_notes", RuntimeWarning,
-                          stacklevel=2)
-        stats = onnx_stats(staged)
-        _commit(staged.parent, final)
+        with example_call(module, example_inputs, example_kwargs, dynamic_shapes, opts) as call:
+            start = time.perf_counter()
+            passed = _make_and_check(call, opts, tmpdir, final)
+            seconds = time.perf_counter() - start
+            chosen, timings = choose(passed, call, opts)
+        if opts.optimize not in ("fastest", chosen.kind) and not (
+                opts.optimize == "ort" and chosen.kind == "none"):
+            _fail(call, final, f"optimize={opts.optimize!r} could not be made; wrote "
+                  f"{DESCRIBE[chosen.kind]} ({chosen.kind!r}); see report.verify_notes")
+        stats = onnx_stats(chosen.path)
+        _commit(chosen.path.parent, final)
     finally:
-        bound.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
+    report = _report(final, stats, chosen, call, opts, seconds, timings)
+    logger.info("exported %s: %d nodes, %d initializers, max abs diff %s", final,
+                report.node_count, report.initializer_count, report.max_abs_diff)
+    return report
 
-    report = ExportReport(
+
+def _report(final: Path, stats: OnnxStats, chosen: Candidate, call: ExampleCall,
+            opts: ExportOptions, seconds: float, timings: dict[str, float]) -> ExportReport:
+    result = chosen.result
+    return ExportReport(
         path=os.fspath(final),
         external_data=stats.external_data,
         opset=stats.opset,
@@ -466,22 +278,14 @@ def export_onnx(
         per_output_diff=result.per_output if result else {},
         verified_shapes=result.shapes if result else [],
         providers=result.providers if result else [],
-        dynamic_shapes=shape_note,
-        verify_notes=notes + (result.notes if result else []),
-        optimize=kind,
-        fusions=fusions,
-        quantize=quantize,
-        quantized_ops=quantized_ops,
+        dynamic_shapes=call.shape_note,
+        verify_notes=call.notes + (result.notes if result else []),
+        optimize=chosen.kind,
+        fusions=chosen.fusions,
+        quantize=opts.quantize,
+        quantized_ops=chosen.quantized_ops,
         timings_ms=timings,
         verified_levels=result.optimization_levels if result else [],
         within_tolerance=result.within_tolerance if result else None,
         argmax_agreement=result.argmax_agreement if result else {},
     )
-    logger.info(
-        "exported %s: %d nodes, %d initializers, max abs diff %s",
-        final,
-        report.node_count,
-        report.initializer_count,
-        report.max_abs_diff,
-    )
-    return report

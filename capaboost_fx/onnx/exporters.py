@@ -21,6 +21,7 @@ and the machine, so `export_onnx` measures instead of guessing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -37,6 +38,7 @@ from torch import nn
 from capaboost_fx.errors import ExportError, MissingDependencyError
 from capaboost_fx.model import FoldedModel
 from capaboost_fx.onnx.optimize import ort_optimizer
+from capaboost_fx.onnx.options import Candidate, ExampleCall, ExportOptions, use_external_data
 from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import eval_mode, flat_outputs, flat_tensors
 from capaboost_fx.onnx.stats import onnx_stats
@@ -176,56 +178,83 @@ DESCRIBE = {"none": "the exporter's unfused graph", "ort": "the fused dynamo gra
              "torchscript+ort": "the TorchScript graph fused by onnxruntime"}
 
 
-def torchscript_candidates(
-    optimize: str, module: nn.Module, args: tuple, kwargs: dict, plain: Path,
-    names: list[str], opset: int | None, use_external: bool, tmpdir: Path, final: Path,
-    notes: list[str],
-) -> list[tuple[str, Path, dict[str, int]]]:
-    """The TorchScript exporter's graph (and onnxruntime's transformer optimizer on it), with
-    the dynamo graph's inputs, outputs and dynamic dims; [] with a note when it cannot be made."""
-    eager = eager_module(module)
+def _torchscript_axes(call: ExampleCall, names: list[str],
+                      plain: Path | None) -> dict[str, dict[int, str]]:
+    """``{input name: {dim: axis name}}`` for the TorchScript file: the dynamo file's dims when
+    there is one; else the call's dims (the captured graph's, for capaboost_fx modules). An
+    eager module with auto dims is traced by TorchScript alone, which cannot tell which dims
+    the model fixes: batch (dim 0) of every input and sequence (dim 1) of integer inputs."""
+    if plain is not None:
+        return {i["name"]: {d: v for d, v in enumerate(i["shape"]) if isinstance(v, str)}
+                for i in onnx_stats(plain).inputs}
+    tensors = flat_tensors(call.args, call.kwargs)
+    shapes = call.dynamic_shapes or {}
+    flat_dims: list[Any] = []
+    positional = list(inspect.signature(call.module.forward).bind_partial(*call.args).arguments)
+    for key, value in [(k, v) for k, v in zip(positional, call.args, strict=False)] \
+            + list(call.kwargs.items()):
+        spec = shapes.get(key) if isinstance(shapes, dict) else None
+        leaves = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+        specs = pytree.tree_leaves(spec, is_leaf=lambda x: x is None or isinstance(x, dict))
+        flat_dims += specs if len(specs) == len(leaves) else [None] * len(leaves)
+    guess = call.shape_note.startswith("auto")
+    axes = {}
+    for name, t, dims in zip(names, tensors, flat_dims, strict=False):
+        keep = [d for d in (dims or {}) if not guess or d == 0
+                or (d == 1 and not t.dtype.is_floating_point)]
+        axes[name] = {d: ("batch" if d == 0 else "sequence" if d == 1 else f"dim_{d}")
+                      for d in keep}
+    return axes
+
+
+def torchscript_candidates(call: ExampleCall, opts: ExportOptions, tmpdir: Path, final: Path,
+                           plain: Path | None = None) -> list[Candidate]:
+    """The TorchScript exporter's graph (and onnxruntime's transformer optimizer on it, unless
+    `opts.optimize` pins the plain one); [] with a note when it cannot be made. It needs no
+    dynamo export: `plain`, the dynamo file, only lends its input dims when there is one."""
+    eager = eager_module(call.module)
     why = ("the module has no eager form to trace (dense adapters, or an exported program)"
            if eager is None else
            "weights over the external-data threshold (the TorchScript path is for small "
-           "models)" if use_external else None)
+           "models)" if use_external_data(call, opts) else None)
     if why:
-        notes.append(f"TorchScript exporter skipped: {why}")
+        call.notes.append(f"TorchScript exporter skipped: {why}")
         return []
-    stats = onnx_stats(plain)
-    dynamic = {i["name"]: {d: v for d, v in enumerate(i["shape"]) if isinstance(v, str)}
-               for i in stats.inputs}
+    names = call.input_names(opts.input_names)
     (tmpdir / "ts").mkdir()
     ts = tmpdir / "ts" / final.name
     try:
         with eval_mode(eager):
-            torchscript_export(eager, args, kwargs, ts, list(dynamic), names, dynamic, opset)
+            torchscript_export(eager, call.args, call.kwargs, ts, names, call.output_names,
+                               _torchscript_axes(call, names, plain), opts.opset)
     except ExportError as e:
-        notes.append(f"TorchScript exporter skipped: {e}")
+        call.notes.append(f"TorchScript exporter skipped: {e}")
         return []
-    out = [("torchscript", ts, {})]
-    if optimize != "torchscript":
+    out = [Candidate("torchscript", ts)]
+    if opts.optimize != "torchscript":
         (tmpdir / "ts_ort").mkdir()
         fused_path = tmpdir / "ts_ort" / final.name
         try:
             fused = ort_transformers(ts, fused_path, eager)
             if fused is None:
-                notes.append("onnxruntime's transformer optimizer skipped: it knows no model "
-                             f"type {getattr(getattr(eager, 'config', None), 'model_type', None)!r}")
+                model_type = getattr(getattr(eager, "config", None), "model_type", None)
+                call.notes.append("onnxruntime's transformer optimizer skipped: it knows no "
+                                  f"model type {model_type!r}")
             else:
-                out.insert(0, ("torchscript+ort", fused_path, fused))
+                out.insert(0, Candidate("torchscript+ort", fused_path, fused))
         except ExportError as e:
-            notes.append(f"onnxruntime's transformer optimizer skipped: {e}")
+            call.notes.append(f"onnxruntime's transformer optimizer skipped: {e}")
     return out
 
 
-def time_candidates(passed: list[tuple], args: tuple, kwargs: dict, providers: Any,
+def time_candidates(passed: list[tuple[str, Path]], args: tuple, kwargs: dict, providers: Any,
                     session: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Median latency (ms) of each verified graph at the example inputs, side by side, in
     sessions opened with `session` (`open_session` keywords: the serving configuration,
     since which graph wins depends on threads and spinning)."""
     feeds_list = flat_tensors(args, kwargs)
     options = {"providers": providers, **dict(session or {})}
-    sessions = {kind: open_session(staged, **options) for kind, staged, *_ in passed}
+    sessions = {kind: open_session(staged, **options) for kind, staged in passed}
     feeds = {k: dict(zip(s.input_names, feeds_list, strict=True)) for k, s in sessions.items()}
     stats = measure_latency(sessions, feeds, runs=25, warmup=3)
     return {k: round(v.median_ms, 3) for k, v in stats.items()}

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from capaboost_fx.passes.capture import as_args, bind_inputs, default_dynamic_shapes  # noqa: F401  (one input rule)
+from capaboost_fx.passes.capture import (  # noqa: F401  (one input rule)
+    as_args,
+    bind_inputs,
+    default_dynamic_shapes,
+)
+from capaboost_fx.variant import graph_dynamic_shapes
 
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -44,6 +50,19 @@ def _name_of(path: tuple) -> str:
     return "_".join(parts)
 
 
+def input_names_of(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> list[str]:
+    """Names for the tensor leaves of a call, in `flat_tensors` order (positional arguments,
+    then keywords as given): the parameter's name, with the path inside it for nested inputs
+    (``past_key_values_0_1``)."""
+    positional = inspect.signature(module.forward).bind_partial(*args).arguments
+    names = []
+    for key, value in list(positional.items()) + list(kwargs.items()):
+        for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                names.append("_".join(p for p in (key, _name_of(path)) if p))
+    return names
+
+
 def output_names(output: Any) -> list[str]:
     """Readable names for the tensor leaves of a model output: logits, hidden_states_0, output_1."""
     leaves, _ = pytree.tree_flatten_with_path(output)
@@ -67,35 +86,15 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
 
 
-def _dims_for(t: torch.Tensor) -> dict[int, Any] | None:
-    # Measured on torch 2.13: Dim.AUTO does NOT always pin a dim that the weights fix (a Linear's
-    # feature dim, a conv's channels stay symbolic in the ONNX file and fail only at run time),
-    # so we only mark dims that are batch or sequence by convention.
-    auto = torch.export.Dim.AUTO
-    if t.ndim == 0:
-        return None
-    if t.ndim == 1:
-        return {0: auto}
-    if t.ndim == 2 and (t.dtype.is_floating_point or t.dtype.is_complex):
-        return {0: auto}  # (batch, features)
-    if t.ndim <= 3:  # (batch, seq) ids/masks, (batch, seq, hidden) embeddings
-        return {0: auto, 1: auto}
-    return {0: auto}  # (batch, channels, height, width)
-
-
 def auto_dynamic_shapes(
     module: nn.Module,
     example_inputs: Any = (),
     example_kwargs: Mapping[str, Any] | None = None,
-    batch_only: bool = False,
 ) -> dict[str, Any]:
-    """`dynamic_shapes` for `torch.export`: batch (dim 0) and sequence (dim 1) dims left dynamic.
-
-    Dynamic: dim 0 of every tensor; also dim 1 of integer/bool tensors with 2 dims (token ids,
-    masks) and of tensors with 3 dims (embeddings). Float (batch, features) and images
-    (batch, channels, height, width) keep their other dims static. ``Dim.AUTO`` lets
-    torch.export keep a dim static where the model needs it. `batch_only`: dim 0 alone. Pass
-    your own `dynamic_shapes` to `export_onnx` for anything else.
+    """`dynamic_shapes` for `torch.export`: ``Dim.AUTO`` on dims 0 and 1 (batch, sequence) of
+    every tensor input, by parameter name: the rule `transform`'s capture follows.
+    ``Dim.AUTO`` lets torch.export keep a dim static where the model fixes it (an image's
+    channels, a Linear's features), so what stays dynamic is read from the traced graph.
 
     Example::
 
@@ -106,51 +105,39 @@ def auto_dynamic_shapes(
         >>> sorted(auto_dynamic_shapes(M(), (ids,), {"attention_mask": ids}))
         ['attention_mask', 'input_ids']
     """
-    def dims(x: torch.Tensor) -> dict[int, Any] | None:
-        d = _dims_for(x)
-        return {0: d[0]} if d and batch_only else d
-
-    # the one binding rule (capture uses it too)
-    return default_dynamic_shapes(module, as_args(example_inputs), dict(example_kwargs or {}),
-                                  dims) or {}
-
-
-def _runs_resized(module: nn.Module, args: tuple, kwargs: dict, batch_only: bool) -> bool:
-    """Does `module` run with the example resized along the dims auto_dynamic_shapes marks?"""
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    for i, x in enumerate(flat):
-        if isinstance(x, torch.Tensor):
-            dims = [d for d in (_dims_for(x) or {}) if d == 0 or not batch_only]
-            flat[i] = resize(x, {d: new_size(x.shape[d], d == 0) for d in dims})
-    a, k = pytree.tree_unflatten(flat, spec)
-    try:
-        module(*a, **k)
-    except Exception:
-        return False
-    return True
+    return default_dynamic_shapes(module, as_args(example_inputs),
+                                  dict(example_kwargs or {})) or {}
 
 
 def choose_dynamic_shapes(
     module: nn.Module, args: tuple, kwargs: dict
 ) -> tuple[dict[str, Any] | None, str]:
-    # A module captured by torch.export without dynamic shapes guards on the example's shapes,
-    # but the ONNX exporter drops those guards: its file would claim dynamic dims and then fail
-    # (measured: BERT stand-in, onnxruntime error at batch 3). Probe the module first and only
-    # mark dims it accepts.
+    """The dims to export dynamic, and where they come from. One rule: a captured graph says.
+    A capaboost_fx module reads its captured graph; a ``torch.export(...).module()`` its
+    placeholders (a capture without dynamic shapes runs at the example's shapes only: the ONNX
+    graph is static, with a warning, since the exporter would drop its guards); any other
+    module gets `auto_dynamic_shapes`, and torch.export, tracing it, keeps static what the
+    model fixes."""
     if hasattr(module, "dynamic_shapes_for"):  # a capaboost_fx module knows its dims
         return module.dynamic_shapes_for(args, kwargs), "from the captured graph"
-    with eval_mode(module), torch.no_grad():
-        if _runs_resized(module, args, kwargs, batch_only=False):
-            return auto_dynamic_shapes(module, args, kwargs), "auto"
-        if _runs_resized(module, args, kwargs, batch_only=True):
-            return auto_dynamic_shapes(module, args, kwargs, batch_only=True), "auto (batch only)"
-    warnings.warn(
-        f"{type(module).__name__} runs only at the example's input shapes (e.g. a torch.export "
-        "capture without dynamic_shapes); exporting a static ONNX graph. Capture it with "
-        "dynamic batch/sequence dims, or pass dynamic_shapes.",
-        stacklevel=3,
-    )
-    return None, "static (the module runs only at the example's shapes)"
+    if isinstance(module, torch.fx.GraphModule) and getattr(module, "_in_spec", None):
+        dims = graph_dynamic_shapes(module.graph, module._in_spec,
+                                    list(inspect.signature(module.forward).parameters), kwargs)
+        if dims is not None:
+            if any(v is not None for v in pytree.tree_leaves(dims, is_leaf=_is_dims)):
+                return dims, "from the captured graph"
+            warnings.warn(
+                f"{type(module).__name__} runs only at the example's input shapes (a "
+                "torch.export capture without dynamic_shapes); exporting a static ONNX graph. "
+                "Capture it with dynamic batch/sequence dims, or pass dynamic_shapes.",
+                stacklevel=4,
+            )
+            return None, "static (the captured graph has no dynamic dims)"
+    return auto_dynamic_shapes(module, args, kwargs), "auto (torch.export keeps what the model fixes)"
+
+
+def _is_dims(x: Any) -> bool:
+    return isinstance(x, dict) and all(isinstance(k, int) for k in x)
 
 
 @contextlib.contextmanager
