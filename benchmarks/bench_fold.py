@@ -98,7 +98,7 @@ def _one_size(st: Settings, size: Size, profile: bool, log=print) -> dict[str, A
         "layers": size.layers, "hidden": size.hidden, "params": params,
         "targets": len(cbx.adapters(tm)),
         "transform_seconds": transform_s,
-        "capture_seconds": tm.capture_info.get("capture_seconds"),
+        "export_seconds": tm.capture_info.export_seconds,
         "fold_seconds": summary(samples["fold"]),
         "fold_1thread_seconds": summary(samples["fold_1thread"]),
         "deepcopy_seconds": summary(samples["deepcopy"]),

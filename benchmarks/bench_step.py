@@ -122,8 +122,10 @@ class _CatAdapter(nn.Module):
 
         super().__init__()
         self.base = base
-        self.adapter = cbx.CapaBoostAdapter(base.in_features, base.out_features, 8, d, 0.5,
-                                            16.0, name=f"layer_d{d}")
+        name = f"layer_d{d}"
+        self.adapter = cbx.CapaBoostAdapter(
+            cbx.AdapterSite(base.in_features, base.out_features, name=name),
+            cbx.Spec(targets=[name], rank=8, num_masks=d, density=0.5, alpha=16.0))
         with torch.no_grad():
             self.adapter.B.normal_(0, 0.02)
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .adapter import CapaBoostAdapter
+from .adapter import AdapterSite, CapaBoostAdapter
 from .analysis import rank_report
 from .api import InspectReport, inspect, transform
 from .errors import (
@@ -40,7 +40,7 @@ from .errors import (
 )
 from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
-from .model import CapaBoostModel, FoldedModel
+from .model import CapaBoostModel, CaptureInfo, FoldedModel
 from .onnx import (
     CompareReport,
     ExportOptions,
@@ -77,7 +77,9 @@ __all__ = [
     "CompareReport",
     "mask_kinds",
     "CapaBoostModel",
+    "CaptureInfo",
     "FoldedModel",
+    "AdapterSite",
     "CapaBoostAdapter",
     "InspectReport",
     "CapaBoostError",

@@ -18,6 +18,8 @@ is still one width-d·r adapter. With ``activation="identity"`` it folds into W0
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,7 @@ from torch import nn
 
 from .errors import FoldError, SpecError
 from .masks import make_masks, stable_seed
-from .spec import ACTIVATIONS, scaling_factor
+from .spec import ACTIVATIONS, Spec, scaling_factor
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -33,105 +35,118 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+@dataclass(frozen=True)
+class AdapterSite:
+    """What an adapter adapts: the matched weight's shape and names (or the module whose output
+    a sequential adapter follows). ``match`` finds these; `CapaBoostAdapter` is built on one."""
+
+    in_features: int
+    out_features: int
+    name: str = ""  # the target's name (also the masks' and init's seed salt)
+    weight_fqn: str = ""  # the adapted weight's parameter name in your model
+    layout: str = "out_in"  # "out_in" (nn.Linear), "in_out" (GPT-2 Conv1D), "param" (experts)
+    bias_fqn: str | None = None  # the op's bias (a sequential fold updates it)
+    output_of: str | None = None  # a sequential adapter after this module's output
+    groups: int = 0  # > 0: `groups` stacked matrices (MoE experts: experts × out × in)
+
+
+def _initial_a(site: AdapterSite, rank: int, in_features: int, init: str,
+               seed: int) -> torch.Tensor:
+    """A from a local generator (reproducible). "standard": kaiming-uniform over A's fan-in
+    `in`, U(±1/√in), as loralib/PEFT. "official": the official CapaBoost code holds A as
+    nn.Linear(r, in).weight (in × r, fan-in r) and kaiming-uniforms that, which is U(±1/√r)."""
+    gen = torch.Generator().manual_seed(stable_seed(seed, site.name, "init"))
+    lead = (site.groups,) if site.groups else ()
+    a0 = torch.empty(*lead, rank, in_features, dtype=torch.float32)
+    if init == "standard":  # U(±1/√in) on each matrix (what kaiming_uniform gives one)
+        if site.groups:
+            bound = 1.0 / math.sqrt(in_features)
+            a0.uniform_(-bound, bound, generator=gen)
+        else:
+            nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
+    elif init == "official":
+        bound = 1.0 / math.sqrt(rank)
+        a0.uniform_(-bound, bound, generator=gen)
+    else:
+        raise SpecError(f"unknown init {init!r}; allowed: 'standard', 'official'")
+    return a0
+
+
 class CapaBoostAdapter(nn.Module):
     """The trainable side of one adapted weight ``W0`` (out × in).
 
+    Built from its site and its target's `Spec` (``spec.for_target(name)``: rank, masks,
+    density, alpha, dropout, mask kind, seed, activation, init, scaling, method).
     ``forward(x)`` returns only the update ``s · B_cat A_cat x``; the rewritten graph adds it
     to the untouched base op's output.
+
+    Example::
+
+        >>> site = AdapterSite(64, 32, name="layer.query", weight_fqn="layer.query.weight")
+        >>> a = CapaBoostAdapter(site, Spec(targets=["*.query"], rank=8, num_masks=2))
+        >>> tuple(a.A.shape), tuple(a.B.shape), a.num_masks
+        ((8, 64), (32, 8), 2)
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        num_masks: int,
-        density: float,
-        alpha: float,
-        dropout: float = 0.0,
-        mask: str = "random",
-        seed: int = 0,
-        name: str = "",
-        weight_fqn: str = "",
-        layout: str = "out_in",
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        activation: str = "identity",
-        init: str = "standard",
-        scaling_rule: str = "paper",
-        placement: str = "parallel",
-        bias_fqn: str | None = None,
-        output_of: str | None = None,
-        groups: int = 0,
-    ) -> None:
+    def __init__(self, site: AdapterSite, spec: Spec, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        if placement not in ("parallel", "sequential"):
-            raise SpecError(f"placement must be 'parallel' or 'sequential', got {placement!r}")
+        if site.layout not in ("out_in", "in_out", "param"):
+            raise SpecError("adapter layout must be 'out_in', 'in_out' or 'param', got "
+                            f"{site.layout!r}")
+        # Half-precision bases train fp32 adapters (the update is cast back to the op's dtype).
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         # "sequential" (Spec.method='sadapter'): the adapter reads the op's output y (so
         # in_features == out_features == the op's out) and has the official code's biases.
-        self.placement = placement
-        self.bias_fqn = bias_fqn  # the op's bias parameter (a sequential fold updates it)
-        self.activation = activation
-        self.act = ACTIVATIONS[activation]()
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.num_masks, self.density = rank, num_masks, density
-        self.init, self.scaling_rule = init, scaling_rule
-        self.scaling = scaling_factor(alpha, rank, num_masks, density, scaling_rule)
-        self.name = name
-        # The adapted weight's parameter name in your model, and how it is stored:
-        # "out_in" (nn.Linear) or "in_out" (GPT-2 Conv1D: the fold adds ΔWᵀ).
+        self.placement = "sequential" if spec.method == "sadapter" else "parallel"
+        self.site = site
+        self.name, self.layout, self.groups = site.name, site.layout, site.groups
+        self.bias_fqn, self.output_of = site.bias_fqn, site.output_of
         # A sequential adapter after a module's output (not an op's) adapts no weight.
-        self.output_of = output_of
-        self.weight_fqn = None if output_of else (
-            weight_fqn or (f"{name}.weight" if name else "weight"))
-        if layout not in ("out_in", "in_out", "param"):
-            raise SpecError(f"adapter layout must be 'out_in', 'in_out' or 'param', got {layout!r}")
-        self.layout = layout
-        # groups > 0: a parameter of `groups` stacked matrices (MoE experts: experts × out × in),
-        # one (A, B) pair and its own masks per matrix; forward(W) returns ΔW for all of them.
-        self.groups = groups
-        lead = (groups,) if groups else ()
-        self.A = nn.Parameter(torch.empty(*lead, rank, in_features, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(*lead, out_features, rank, dtype=dtype, device=device))
-        # A from a local generator (reproducible); B = 0, so the adapted model equals the base
-        # model at step 0. "standard": kaiming-uniform over A's fan-in `in`, U(±1/√in), as
-        # loralib/PEFT. "official": the official CapaBoost code holds A as nn.Linear(r, in).weight
-        # (in × r, fan-in r) and kaiming-uniforms that, which is U(±1/√r).
-        gen = torch.Generator().manual_seed(stable_seed(seed, name, "init"))
-        a0 = torch.empty(*lead, rank, in_features, dtype=torch.float32)
-        if init == "standard":  # U(±1/√in) on each matrix (what kaiming_uniform gives one)
-            bound = 1.0 / math.sqrt(in_features)
-            if groups:
-                a0.uniform_(-bound, bound, generator=gen)
-            else:
-                nn.init.kaiming_uniform_(a0, a=math.sqrt(5), generator=gen)
-        elif init == "official":
-            bound = 1.0 / math.sqrt(rank)
-            a0.uniform_(-bound, bound, generator=gen)
-        else:
-            raise SpecError(f"unknown init {init!r}; allowed: 'standard', 'official'")
-        with torch.no_grad():
-            self.A.copy_(a0)
-        if placement == "sequential":
-            # Biases are never masked; every copy adds its own b_u (effective d·b_u).
-            self.bias_down = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
-            self.bias_up = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
-            if init == "official":  # official adapters: N(0, 0.02) weights, up not zeroed
-                g = torch.Generator().manual_seed(stable_seed(seed, name, "init-official"))
-                with torch.no_grad():
-                    self.A.copy_(torch.randn(rank, in_features, generator=g) * 0.02)
-                    self.B.copy_(torch.randn(out_features, rank, generator=g) * 0.02)
-        def masks(shape: tuple[int, int], factor: str) -> torch.Tensor:
-            if not groups:
-                return make_masks(mask, shape, num_masks, density, seed, name, factor)
-            return torch.stack([make_masks(mask, shape, num_masks, density, seed,
-                                           f"{name}/{g}", factor) for g in range(groups)])
-
-        self.register_buffer("mask_A", masks((rank, in_features), "A").to(device))
-        self.register_buffer("mask_B", masks((out_features, rank), "B").to(device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.weight_fqn = None if site.output_of else (
+            site.weight_fqn or (f"{site.name}.weight" if site.name else "weight"))
+        self.in_features = site.out_features if self.sequential else site.in_features
+        self.out_features = site.out_features
+        self.rank, self.num_masks, self.density = spec.rank, spec.num_masks, spec.density
+        self.init, self.scaling_rule = spec.init, spec.scaling
+        self.activation = spec.activation
+        self.act = ACTIVATIONS[spec.activation]()
+        self.scaling = scaling_factor(spec.alpha, spec.rank, spec.num_masks, spec.density,
+                                      spec.scaling)
+        lead = (site.groups,) if site.groups else ()
+        self.A = nn.Parameter(_initial_a(site, spec.rank, self.in_features, spec.init,
+                                         spec.seed).to(dtype=dtype, device=device))
+        # B = 0, so the adapted model equals the base model at step 0.
+        self.B = nn.Parameter(torch.zeros(*lead, self.out_features, spec.rank, dtype=dtype,
+                                          device=device))
+        if self.sequential:
+            self._sequential_biases(spec.seed, dtype, device)
+        self._register_masks(spec, device)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         # False inside ``train_model.disable_adapter()``: the update is zero (the base model runs)
         self.enabled = True
+
+    def _sequential_biases(self, seed: int, dtype: torch.dtype, device: Any) -> None:
+        # Biases are never masked; every copy adds its own b_u (effective d·b_u).
+        self.bias_down = nn.Parameter(torch.zeros(self.rank, dtype=dtype, device=device))
+        self.bias_up = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
+        if self.init == "official":  # official adapters: N(0, 0.02) weights, up not zeroed
+            g = torch.Generator().manual_seed(stable_seed(seed, self.name, "init-official"))
+            with torch.no_grad():
+                self.A.copy_(torch.randn(self.rank, self.in_features, generator=g) * 0.02)
+                self.B.copy_(torch.randn(self.out_features, self.rank, generator=g) * 0.02)
+
+    def _register_masks(self, spec: Spec, device: Any) -> None:
+        def masks(shape: tuple[int, int], factor: str) -> torch.Tensor:
+            if not self.groups:
+                return make_masks(spec.mask, shape, spec.num_masks, spec.density, spec.seed,
+                                  self.name, factor)
+            return torch.stack([make_masks(spec.mask, shape, spec.num_masks, spec.density,
+                                           spec.seed, f"{self.name}/{g}", factor)
+                                for g in range(self.groups)])
+
+        self.register_buffer("mask_A", masks((self.rank, self.in_features), "A").to(device))
+        self.register_buffer("mask_B", masks((self.out_features, self.rank), "B").to(device))
 
     def factors(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked. ``whole``: from

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import CapaBoostAdapter
+from .adapter import AdapterSite, CapaBoostAdapter
 from .errors import (
     AlreadyTransformedError,
     CapaBoostWarning,
@@ -20,10 +20,11 @@ from .errors import (
     InputError,
     SpecError,
     SpecTypeError,
+    TargetError,
     TargetNotFoundError,
     close_names,
 )
-from .model import CapaBoostModel, GraphProgram
+from .model import CapaBoostModel, CaptureInfo, GraphProgram
 from .passes.blocks import auto_blocks, install_blocks, modules_matching, plan_blocks
 from .passes.capture import (
     Captured,
@@ -92,19 +93,12 @@ def _check_call(model: Any, spec: Any, capture: Any, modes: Any = None) -> None:
 
 
 def _make_adapter(name: str, c: Candidate, spec: Spec, device: torch.device) -> CapaBoostAdapter:
-    spec = spec.for_target(name)
-    dtype = torch.float32 if c.dtype in (torch.float16, torch.bfloat16) else c.dtype
-    sequential = spec.method == "sadapter"
-    adapter = CapaBoostAdapter(
-        c.out_features if sequential else c.in_features, c.out_features, spec.rank, spec.num_masks, spec.density, spec.alpha,
-        dropout=spec.dropout, mask=spec.mask, seed=spec.seed, name=name, weight_fqn=c.fqn,
-        layout=c.layout, dtype=dtype, device=None if device.type == "meta" else device,
-        activation=spec.activation, init=spec.init, scaling_rule=spec.scaling,
-        placement="sequential" if sequential else "parallel", bias_fqn=c.bias_fqn,
-        output_of=c.name if c.kind == "module" else None,
-        groups=c.param.shape[0] if c.layout == "param" else 0,
-    )
-    return adapter
+    site = AdapterSite(c.in_features, c.out_features, name=name, weight_fqn=c.fqn,
+                       layout=c.layout, bias_fqn=c.bias_fqn,
+                       output_of=c.name if c.kind == "module" else None,
+                       groups=c.param.shape[0] if c.layout == "param" else 0)
+    return CapaBoostAdapter(site, spec.for_target(name), dtype=c.dtype,
+                            device=None if device.type == "meta" else device)
 
 
 def _all_candidates(twin: nn.Module, captured: Captured, spec: Spec) -> dict[str, Any]:
@@ -140,17 +134,19 @@ def _freeze(shell: nn.Module, trainable: list[str]) -> list[str]:
     return opened
 
 
-def _privatize_mutated(shell: nn.Module, captured: Captured) -> None:
+def _privatize_mutated(tm: CapaBoostModel, captured: Captured) -> None:
     """Buffers the graph writes (batch-norm statistics) get private copies: training must not
-    write into the caller's model."""
+    write into the caller's model. Their names join ``tm.private_buffers``."""
+    shell = tm.base_model
     for fqn in captured.mutated_buffers:
         owner, _, attr = fqn.rpartition(".")
         module = shell.get_submodule(owner) if owner else shell
         old = module._buffers.get(attr)
-        if old is not None and not getattr(old, "_capaboost_private", False):
+        if old is not None and fqn not in tm.private_buffers:
             new = old.clone()
-            new._capaboost_private = True
             replace_tensor(shell, old, new)
+            tm.private_buffers.update(
+                n for n, b in shell.named_buffers(remove_duplicate=False) if b is new)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -171,24 +167,24 @@ def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None
     sequential = frozenset(n for n, a in adapters.items() if a.sequential)
     changed = rewrite(graph, targets, mode, sequential)
     if variant.key == 0:
-        tm.capture_info.setdefault("sites", {})[mode] = len(changed)
+        tm.capture_info.sites[mode] = len(changed)
     variant.flat[mode] = copy_graph(graph, variant.in_spec, variant.out_spec)
-    plan = tm.capture_info["blocks"]
+    plan = tm.capture_info.blocks
     split = split_blocks(graph, plan, variant.key)
     blocks = tm.planned_blocks()
     for b, g in split.blocks.items():
         blocks[b].add_graph(variant.key, mode, g)
     refused_explicit = {b: w for b, w in split.refused.items()
-                        if b in tm.capture_info["explicit_blocks"]}
+                        if b in tm.capture_info.explicit_blocks}
     if refused_explicit:
         raise CaptureError(
             f"cannot make {sorted(refused_explicit)[:3]} blocks: {refused_explicit}. Name "
             "modules that are called once per forward (e.g. 'model.layers.*')."
         )
-    tm.capture_info["refused_blocks"].update(split.refused)
+    tm.capture_info.refused_blocks.update(split.refused)
     for k, v in captured.constants.items():
         tm.capaboost_constants.register_buffer(k, v, persistent=False)
-    _privatize_mutated(tm.base_model, captured)
+    _privatize_mutated(tm, captured)
     variant.graphs[mode] = split.root
 
 
@@ -203,11 +199,11 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
                           example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
                           bound=captured.bound, fixed=captured.fixed)
     _add_graph(tm, variant, captured)
-    if tm.capture_info.get("transform_seconds") is None:  # still inside transform
-        tm.capture_info["export_seconds"] = round(
-            tm.capture_info["export_seconds"] + captured.seconds, 3)
+    info = tm.capture_info
+    if info.transform_seconds is None:  # transform has not returned: part of its cost
+        info.export_seconds = round(info.export_seconds + captured.seconds, 3)
     else:
-        tm.capture_info.setdefault("later_captures", []).append(
+        info.later_captures.append(
             {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
              "seconds": round(time.perf_counter() - t0, 3),
              "fixed_sizes": variant.fixed_names()})
@@ -249,7 +245,7 @@ def transform(
     fold and files; for quantized weights and code torch.export cannot trace), or
     ``"auto"`` (the default: graph, unless the model holds quantized weights or
     torch.export fails, which is then said in a `CapaBoostWarning` and in
-    ``capture_info["eager_reason"]``).
+    ``capture_info.eager_reason``).
     A model whose own checkpointing is on (``gradient_checkpointing_enable()``,
     ``torch.utils.checkpoint`` in its blocks) keeps it without asking.
 
@@ -321,6 +317,21 @@ def _runs_eagerly(model: nn.Module, example_inputs: Any,
     return True
 
 
+def _refuse_expert_targets(shell: nn.Module, unmatched: list[str], reason: str) -> None:
+    """Expert weights (3-D parameters of grouped or batched matmuls) are targets of the graph
+    path, whose rewrite reaches the parameter's read; the eager path adapts linear modules."""
+    experts = [n for n, p in shell.named_parameters() if p.dim() == 3]
+    for pattern in unmatched:
+        hits = [n for n in experts if pattern_matches(pattern, n)]
+        if hits:
+            raise TargetError(
+                f"Spec.targets entry {pattern!r} names expert parameters ({hits[:2]}): 3-D "
+                "weights are targets on the graph path only, and this model takes the eager "
+                f"path ({reason}). Target its linear modules (attention, shared experts), "
+                "or let it be captured (capture='graph', with weights torch.export can trace)."
+            )
+
+
 def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, checkpoint: Any
                      ) -> CapaBoostModel:
     """The eager path (`capaboost_fx.passes.eager`): no capture, hooks on linear modules."""
@@ -331,26 +342,23 @@ def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, che
             modules_matching(shell, value, what)
     candidates = find_modules(shell)
     selection = select(candidates, spec)
+    _refuse_expert_targets(shell, selection.unmatched, reason)
     check(selection, candidates, spec, [n for n, _ in shell.named_modules()])
     device = next((p.device for p in shell.parameters()), torch.device("cpu"))
     trainable = _freeze(shell, spec.trainable)
     for name, c in selection.targets.items():
         attach(shell, name, _make_adapter(name, c, spec, device))
     names = auto_blocks(shell)
-    info = {
-        "capture": "eager", "eager_reason": reason,
-        "targets": list(selection.targets),
-        "skipped": {n: r.message for n, r in selection.skipped.items()},
-        "trainable": trainable, "blocks": names, "explicit_blocks": [],
-        "checkpointed": [], "refused_blocks": {}, "export_seconds": 0.0,
-    }
+    info = CaptureInfo("eager", list(selection.targets),
+                       {n: r.message for n, r in selection.skipped.items()}, trainable, names,
+                       eager_reason=reason)
     shell.train(model.training)
     tm = CapaBoostModel(shell, {}, spec, info, None, eager=True)
     if checkpoint:
         tm.gradient_checkpointing_enable()
-        info["checkpointed"] = names
+        info.checkpointed = names
     tm.train(model.training)
-    info["transform_seconds"] = round(time.perf_counter() - t0, 3)
+    info.transform_seconds = round(time.perf_counter() - t0, 3)
     return tm
 
 
@@ -375,38 +383,28 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
         owner.add_module(child, _make_adapter(name, c, spec, device))
     split, ck, explicit = plan_blocks(twin, blocks, checkpoint, captured.checkpointed)
     install_blocks(shell, split)
-    info = {
-        "capture": "graph",
-        "targets": list(selection.targets),
-        "skipped": {n: r.message for n, r in selection.skipped.items()},
-        "trainable": trainable,
-        "blocks": split,
-        "explicit_blocks": sorted(explicit),
-        "checkpointed": sorted(ck),
-        "refused_blocks": {},
-        "export_seconds": round(captured.seconds, 3),  # all torch.export calls of transform
-        "transform_seconds": None,
-        "dynamic_ranges": captured.range_constraints,
-    }
+    info = CaptureInfo("graph", list(selection.targets),
+                       {n: r.message for n, r in selection.skipped.items()}, trainable, split,
+                       explicit_blocks=sorted(explicit), checkpointed=sorted(ck),
+                       export_seconds=round(captured.seconds, 3),
+                       dynamic_ranges=dict(captured.range_constraints))
     shell.train(model.training)
-    tm = CapaBoostModel(shell, {}, spec, info, twin)
+    tm = CapaBoostModel(shell, {}, spec, info, twin, build=_build_variant)
     variant = Variant(0, captured.in_spec, captured.out_spec,
                       example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound,
                       fixed=captured.fixed)
     _add_graph(tm, variant, captured)
     tm._add_variant(variant)
     if "eval" in modes:
-        tm._build = _build_variant
         tm.variant_for(args, kwargs, "eval")
     for name, block in tm.blocks().items():
         block.checkpoint = name in ck
-    lost = sorted(b for b in ck if b in info["refused_blocks"])
+    lost = sorted(b for b in ck if b in info.refused_blocks)
     if lost:
-        warnings.warn(f"cannot checkpoint {lost}: {info['refused_blocks'][lost[0]]}",
+        warnings.warn(f"cannot checkpoint {lost}: {info.refused_blocks[lost[0]]}",
                       stacklevel=2)
-    tm._build = _build_variant
     tm.train(model.training)
-    info["transform_seconds"] = round(time.perf_counter() - t0, 3)
+    info.transform_seconds = round(time.perf_counter() - t0, 3)
     return tm
 
 

@@ -22,6 +22,7 @@ import inspect
 import types
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -148,7 +149,7 @@ class GraphProgram(_Unpicklable, nn.Module):
             warnings.warn(
                 f"the model's code fixed {fixed} to the captured size; this call has another "
                 "size there, so a graph was captured for it (seconds, once per size, at most "
-                f"{self.MAX_SHAPES}; listed in capture_info['later_captures']).", stacklevel=4)
+                f"{self.MAX_SHAPES}; listed in capture_info.later_captures).", stacklevel=4)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = self.mode()
@@ -261,6 +262,33 @@ def run_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> Any:
         raise forward_failure(e, model) from e
 
 
+@dataclass
+class CaptureInfo:
+    """What `transform` did (``train_model.capture_info``); `to_dict()` is JSON-safe."""
+
+    capture: str  # "graph" (torch.export + fx passes) or "eager" (hooks on linear modules)
+    targets: list[str]  # the adapted targets
+    skipped: dict[str, str]  # candidates that cannot be adapted, and why
+    trainable: list[str]  # what Spec.trainable opened
+    blocks: list[str]  # per-block programs (graph) or the model's own layers (eager)
+    explicit_blocks: list[str] = field(default_factory=list)  # named by blocks=/checkpoint=
+    checkpointed: list[str] = field(default_factory=list)
+    refused_blocks: dict[str, str] = field(default_factory=dict)  # planned blocks the split refused
+    eager_reason: str | None = None  # why the eager path was taken
+    export_seconds: float = 0.0  # all torch.export calls inside transform
+    transform_seconds: float | None = None  # set when transform returns
+    sites: dict[str, int] = field(default_factory=dict)  # rewritten linear ops per mode
+    dynamic_ranges: dict[str, str] = field(default_factory=dict)  # captured symbolic ranges
+    # Captures after transform (a new argument structure, mode or model-fixed size), each with
+    # its time: {"mode", "variant", "export_seconds", "seconds", "fixed_sizes"}.
+    later_captures: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dynamic_ranges"] = {str(k): str(v) for k, v in self.dynamic_ranges.items()}
+        return out
+
+
 class CapaBoostModel(AdapterModelLike, GraphProgram):
     """The training module `transform` returns. Call it exactly as you call your model
     (any argument structure; a new one is captured once); ``.train()`` / ``.eval()`` behave
@@ -277,15 +305,19 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
     ``<owner>.capaboost``) and each block a `BlockProgram` (``blocks()``)."""
 
     def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
-                 spec: Any, info: dict[str, Any], twin: nn.Module | None,
-                 eager: bool = False) -> None:
+                 spec: Any, info: CaptureInfo, twin: nn.Module | None,
+                 eager: bool = False, build: Callable[..., Variant] | None = None) -> None:
         super().__init__()
         self._init_program()
         self.base_model = base_model
         self.capaboost_constants = constants_module(constants)
         self.spec = spec
         self.capture_info = info
+        self._build = build  # captures what a call needs and is missing (the pipeline's)
         self.eager = eager
+        # Buffers of the shell that are private copies (the graph writes them: batch-norm
+        # statistics), by name: saved with the adapter state, snapshotted by the fold.
+        self.private_buffers: set[str] = set()
         object.__setattr__(self, "_twin", twin)  # meta copy of your model: captures run on it
         self._install_state_hooks()
         if eager:
@@ -326,10 +358,10 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
 
     def blocks(self) -> dict[str, BlockProgram]:
         """``{name: block}``: the modules to give ``fully_shard`` or checkpointing, in order.
-        A planned block the split refused (``capture_info["refused_blocks"]`` says why) runs
+        A planned block the split refused (``capture_info.refused_blocks`` says why) runs
         inside the root graph and is not listed: sharding it alone would never gather it."""
         if self.eager:  # your model's own layers: fully_shard / checkpoint them as usual
-            return {n: self.base_model.get_submodule(n) for n in self.capture_info["blocks"]}
+            return {n: self.base_model.get_submodule(n) for n in self.capture_info.blocks}
         return {n: b for n, b in self.planned_blocks().items() if b._fns}
 
     def planned_blocks(self) -> dict[str, BlockProgram]:

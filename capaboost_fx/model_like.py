@@ -77,6 +77,7 @@ class AdapterModelLike(ModelLike, nn.Module):
     # What the training module (`capaboost_fx.model.CapaBoostModel`) provides.
     eager: bool
     base_model: nn.Module
+    private_buffers: set[str]
 
     def adapters(self) -> dict[str, CapaBoostAdapter]:
         raise NotImplementedError
@@ -273,7 +274,7 @@ class AdapterModelLike(ModelLike, nn.Module):
             return False
         if isinstance(t, nn.Parameter):
             return not t.requires_grad
-        return not getattr(t, "_capaboost_private", False)
+        return name.removeprefix("base_model.") not in self.private_buffers
 
     def _install_state_hooks(self) -> None:
         self.register_state_dict_post_hook(_drop_frozen)

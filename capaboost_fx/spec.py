@@ -235,6 +235,12 @@ class Spec:
             )
         self.exclude = _pattern_list("exclude", self.exclude)
         self.trainable = _pattern_list("trainable", self.trainable)
+        self._check_numbers()
+        self._check_kinds()
+        self._check_overrides()
+
+    def _check_numbers(self) -> None:
+        """rank, num_masks, seed: ints in range; density, alpha, dropout: finite, in range."""
         for name in ("rank", "num_masks", "seed"):
             v = getattr(self, name)
             if not _is_int(v):
@@ -263,6 +269,9 @@ class Spec:
             raise SpecError(f"Spec.alpha must be > 0, got {self.alpha}.")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"Spec.dropout must be in [0, 1), got {self.dropout}.")
+
+    def _check_kinds(self) -> None:
+        """mask, method, activation, init, scaling: known names that fit together."""
         if not isinstance(self.mask, str):
             raise SpecTypeError(f"Spec.mask must be a string, got {self.mask!r}.")
         if not is_known_kind(self.mask):
@@ -295,7 +304,6 @@ class Spec:
         if self.init == "official" and self.method == "padapter":
             raise SpecError("Spec.init='official' is the official code's LoRA or sequential "
                             "adapter init; method='padapter' takes init='standard'.")
-        self._check_overrides()
 
     def _check_overrides(self) -> None:
         if not isinstance(self.overrides, Mapping):

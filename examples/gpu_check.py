@@ -125,7 +125,7 @@ def qlora_generate_check(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.dec_batch, 512), device=dev)
     spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=8, num_masks=2, density=0.5)
     tm = cbx.transform(base, spec, example_kwargs={"input_ids": ids[:2, :16]}).train()
-    out: dict = {"qlora_quantization": how, "qlora_capture": tm.capture_info["capture"]}
+    out: dict = {"qlora_quantization": how, "qlora_capture": tm.capture_info.capture}
     prompt = ids[:, :32]
     gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
 

@@ -113,7 +113,7 @@ def finish(run: Run, prompt: str, result: dict) -> dict:
         fold_diff = (folded(ids).logits - tm.eval()(ids).logits).abs().max().item()
     ckpt = run.out / "run" / f"checkpoint-{run.args.steps}" / "model.safetensors"
     result.update({
-        "capture": tm.capture_info["capture"],
+        "capture": tm.capture_info.capture,
         "adapters_changed": all(not torch.equal(run.a0[n], a.A)
                                 for n, a in cbx.adapters(tm).items()),
         "base_unchanged": all(torch.equal(v, run.model.state_dict()[k])

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import capaboost_fx as cbx
-from capaboost_fx.adapter import CapaBoostAdapter
+from capaboost_fx.adapter import AdapterSite, CapaBoostAdapter
+from capaboost_fx.spec import Spec
 
 SHAPES = [(24, 40, 4, 2), (64, 32, 8, 2), (48, 48, 4, 4), (16, 100, 8, 3), (10, 12, 8, 2)]
 
 
 def _adapter(in_f: int, out_f: int, r: int, d: int, density: float = 0.5) -> CapaBoostAdapter:
-    a = CapaBoostAdapter(in_f, out_f, r, d, density, alpha=2.0 * r, seed=3, name="t",
-                         dtype=torch.float64)
+    a = CapaBoostAdapter(AdapterSite(in_f, out_f, name="t"),
+                         Spec(targets=["t"], rank=r, num_masks=d, density=density,
+                              alpha=2.0 * r, seed=3), dtype=torch.float64)
     with torch.no_grad():
         a.B.normal_()
         a.A.normal_()
@@ -95,11 +97,12 @@ def test_one_mask_full_density_is_plain_lora() -> None:
 
 
 def test_init_kaiming_a_zero_b() -> None:
-    a = CapaBoostAdapter(64, 32, 8, 2, 0.5, alpha=16, name="x")
+    spec = Spec(targets=["x"], rank=8, num_masks=2, density=0.5, alpha=16)
+    a = CapaBoostAdapter(AdapterSite(64, 32, name="x"), spec)
     assert torch.count_nonzero(a.B) == 0
     bound = 1 / math.sqrt(64)  # kaiming_uniform with a=sqrt(5)
     assert a.A.abs().max() <= bound and a.A.std() > bound / 4
-    b = CapaBoostAdapter(64, 32, 8, 2, 0.5, alpha=16, name="x")
+    b = CapaBoostAdapter(AdapterSite(64, 32, name="x"), spec)
     assert torch.equal(a.A, b.A)  # init is seeded too
     assert a.num_trainable() == 8 * 64 + 32 * 8
     assert 0.7 < a.num_live() / a.num_trainable() < 0.8  # about 1 - (1 - 0.5)^2

@@ -68,7 +68,8 @@ def test_unfolded_export_shows_its_extra_cost(tmp_path) -> None:
     model = case.build().eval()
     args, kwargs = case.inputs(*case.example)
     tm = cbx.transform(model, case.spec, args, kwargs).eval()
-    cbx.export_onnx(tm, tmp_path / "unfolded.onnx", args, kwargs)
+    with pytest.warns(UserWarning, match="export fold\\(train_model\\) to deploy"):
+        cbx.export_onnx(tm, tmp_path / "unfolded.onnx", args, kwargs)
     cbx.export_onnx(cbx.fold(tm), tmp_path / "folded.onnx", args, kwargs)
     cmp = cbx.compare_onnx(tmp_path / "folded.onnx", tmp_path / "unfolded.onnx", latency=False)
     assert not cmp.same_graph

@@ -154,7 +154,7 @@ def test_data_dependent_loss_code_gets_a_hint_about_labels() -> None:
     with pytest.warns(cbx.CapaBoostWarning, match="trains it eagerly"):
         eager = cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
                               example_kwargs={"input_ids": ids, "labels": labels})
-    assert eager.eager and "data-dependent" in eager.capture_info["eager_reason"]
+    assert eager.eager and "data-dependent" in eager.capture_info.eager_reason
     eager.train()
     eager(input_ids=ids, labels=labels).loss.backward()
     assert all(a.A.grad is not None for a in cbx.adapters(eager).values())
@@ -217,7 +217,7 @@ def test_segformer_captures_trains_and_folds() -> None:
     x = torch.randn(2, 3, 16, 16)
     tm = cbx.transform(model, cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=2),
                        example_kwargs={"pixel_values": x})
-    assert tm.capture_info["capture"] == "graph"
+    assert tm.capture_info.capture == "graph"
     with torch.no_grad():
         for a in cbx.adapters(tm).values():
             a.B.normal_(0, 0.3)

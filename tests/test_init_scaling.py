@@ -4,6 +4,7 @@ construction of A, and the expectation of ΔW over masks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 import capaboost_fx as cbx
-from capaboost_fx.adapter import CapaBoostAdapter
+from capaboost_fx.adapter import AdapterSite, CapaBoostAdapter
+from capaboost_fx.spec import Spec
 
 ALPHA = 16.0
 
@@ -64,8 +66,9 @@ def test_normalized_scaling_gives_lora_s_expected_update() -> None:
         total = torch.zeros(n_out, n_in)
         draws = 3000
         for seed in range(draws):
-            a = CapaBoostAdapter(n_in, n_out, rank, d, density, ALPHA, seed=seed, name="t",
-                                 scaling_rule=rule)
+            a = CapaBoostAdapter(AdapterSite(n_in, n_out, name="t"),
+                                 Spec(targets=["t"], rank=rank, num_masks=d, density=density,
+                                      alpha=ALPHA, seed=seed, scaling=rule))
             with torch.no_grad():
                 a.A.copy_(A)
                 a.B.copy_(B)
@@ -80,7 +83,9 @@ def test_official_init_is_the_official_codes_distribution() -> None:
     """The official code: lora_A = nn.Linear(r, in).weight (in × r, fan-in r), then
     kaiming_uniform_(a=√5), which is U(±1/√r); B starts at zero."""
     rank, n_in = 4, 3000
-    a = CapaBoostAdapter(n_in, 16, rank, 2, 0.5, ALPHA, init="official", name="t")
+    site = AdapterSite(n_in, 16, name="t")
+    spec = Spec(targets=["t"], rank=rank, num_masks=2, density=0.5, alpha=ALPHA)
+    a = CapaBoostAdapter(site, dataclasses.replace(spec, init="official"))
     official = nn.Linear(rank, n_in, bias=False)
     nn.init.kaiming_uniform_(official.weight, a=math.sqrt(5),
                              generator=torch.Generator().manual_seed(1))
@@ -90,7 +95,7 @@ def test_official_init_is_the_official_codes_distribution() -> None:
     q = torch.linspace(0, 1, 21)
     torch.testing.assert_close(ours.quantile(q), ref.quantile(q), atol=0.03 * bound, rtol=0)
     assert not a.B.any()
-    std = CapaBoostAdapter(n_in, 16, rank, 2, 0.5, ALPHA, name="t")  # the default
+    std = CapaBoostAdapter(site, spec)  # the default
     assert std.init == "standard" and std.A.abs().max() <= 1 / math.sqrt(n_in)
     assert std.A.abs().max() > 0.9 / math.sqrt(n_in)
 

@@ -56,7 +56,7 @@ def test_attributes_of_the_wrapped_model_are_reachable(capture) -> None:
         with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
             m.no_such_thing  # noqa: B018
     assert tm.eager == (capture == "eager")
-    assert tm.capture_info["capture"] == capture
+    assert tm.capture_info.capture == capture
 
 
 @pytest.mark.parametrize("capture", PATHS)

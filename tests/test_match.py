@@ -16,7 +16,7 @@ def test_weight_used_twice_gets_one_adapter() -> None:
     x = torch.randn(4, 8, dtype=torch.float64)
     tm = cbx.transform(model, cbx.Spec(targets=["shared"], rank=4), (x,)).eval()
     assert list(cbx.adapters(tm)) == ["shared"]
-    assert tm.capture_info["sites"] == {"train": 2, "eval": 2}
+    assert tm.capture_info.sites == {"train": 2, "eval": 2}
     with torch.no_grad():
         cbx.adapters(tm)["shared"].B.normal_()
     # Reference: the shared layer's weight replaced by W0 + ΔW serves both calls.
@@ -47,7 +47,7 @@ def test_tied_weight_is_skipped_by_a_glob(gpt2) -> None:
     ids = torch.randint(0, 64, (2, 5))
     tm = cbx.transform(gpt2, cbx.Spec(targets=["*"], rank=2), (ids,))
     assert "lm_head" not in cbx.adapters(tm)
-    assert "tied" in tm.capture_info["skipped"]["lm_head"]
+    assert "tied" in tm.capture_info.skipped["lm_head"]
     assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"} <= set(cbx.adapters(tm))
 
 

@@ -100,3 +100,11 @@ def test_options_object_and_keywords_are_one_set_of_options(tmp_path):
     with pytest.raises(InputError, match="optimize='fast'"):
         ExportOptions(optimize="fast")
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_verify_onnx_with_its_arguments_swapped_says_so(tmp_path):
+    from capaboost_fx.onnx import verify_onnx
+
+    model = nn.Linear(8, 2)
+    with pytest.raises(InputError, match="takes the ONNX file's path and the PyTorch module"):
+        verify_onnx(model, tmp_path / "m.onnx", (X,))

@@ -64,8 +64,9 @@ def test_each_mask_keeps_exactly_floor_numel_density(rows, cols, d, density, see
 @given(layer_specs())
 def test_rank_bound_and_equality(p) -> None:
     in_f, out_f, r, d, density, seed = p
-    a = cbx.CapaBoostAdapter(in_f, out_f, r, d, density, alpha=r, seed=seed, name="t",
-                             dtype=torch.float64)
+    a = cbx.CapaBoostAdapter(cbx.AdapterSite(in_f, out_f, name="t"),
+                             cbx.Spec(targets=["t"], rank=r, num_masks=d, density=density,
+                                      alpha=r, seed=seed), dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         a.A.copy_(torch.randn(a.A.shape, generator=gen, dtype=torch.float64))

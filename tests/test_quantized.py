@@ -103,7 +103,7 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
     x = torch.randn(8, 256)
     with _no_warning():  # the eager path is chosen, not warned about
         tm = cbx.transform(base, SPEC, (x,))
-    assert tm.eager and "quantized" in tm.capture_info["eager_reason"]
+    assert tm.eager and "quantized" in tm.capture_info.eager_reason
     a_up, a_down = cbx.adapters(tm)["up"], cbx.adapters(tm)["down"]
     assert a_up.A.dtype == torch.float32 and a_up.A.requires_grad
     g = torch.Generator().manual_seed(0)

@@ -85,7 +85,7 @@ def test_hf_gradient_checkpointing_is_kept_per_block_with_same_loss_and_grads() 
     ck_model = tiny_llama(4)
     ck_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tm_ck = cbx.transform(ck_model, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
-    assert tm_ck.capture_info["checkpointed"] == [f"model.layers.{i}" for i in range(4)]
+    assert tm_ck.capture_info.checkpointed == [f"model.layers.{i}" for i in range(4)]
     assert all(b.checkpoint for b in tm_ck.blocks().values())
     assert not any(b.checkpoint for b in tm_plain.blocks().values())
     for tm in (tm_plain, tm_ck):
@@ -150,7 +150,7 @@ def test_user_torch_utils_checkpoint_and_checkpoint_by_pattern() -> None:
     net = UserNet()
     x = torch.randn(6, 5, 16)
     tm = cbx.transform(net, cbx.Spec(targets=["*.fc1"], rank=2), example_inputs=(x,))
-    assert tm.capture_info["checkpointed"] == ["layers.0", "layers.1", "layers.2"]
+    assert tm.capture_info.checkpointed == ["layers.0", "layers.1", "layers.2"]
     plain = cbx.transform(net, cbx.Spec(targets=["*.fc1"], rank=2), example_inputs=(x,),
                           blocks=None)
     # blocks=None: no automatic blocks, but the model's own checkpointing is kept per block.
@@ -309,7 +309,7 @@ def test_a_block_called_twice_is_refused_named_and_kept_flat_when_automatic() ->
         cbx.transform(model, spec, (x,), blocks=["layers.0"])
     tm = cbx.transform(model, spec, (x,))
     assert list(tm.blocks()) == ["layers.1"]
-    assert "called 2 times" in tm.capture_info["refused_blocks"]["layers.0"]
+    assert "called 2 times" in tm.capture_info.refused_blocks["layers.0"]
     with torch.no_grad():
         for a in cbx.adapters(tm).values():
             a.B.normal_(0, 0.3)

@@ -253,7 +253,7 @@ def test_a_dim_the_model_fixes_gets_a_graph_per_size() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same size again: no capture, no warning
         tm(torch.randn(2, 9, 8))
-    sizes = [c["fixed_sizes"] for c in tm.capture_info["later_captures"]]
+    sizes = [c["fixed_sizes"] for c in tm.capture_info.later_captures]
     assert {"x.shape[1]": 9} in sizes
     folded = cbx.fold(tm)
     with torch.no_grad():

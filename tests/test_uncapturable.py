@@ -38,7 +38,7 @@ def test_speech_models_train_with_specaugment_and_layerdrop(name, tmp_path) -> N
     with pytest.warns(cbx.CapaBoostWarning, match="_compute_mask_indices") as record:
         tm = cbx.transform(model, SPEC, (x,))
     assert "capture='graph'" in str(record[0].message)  # how to get the error instead
-    assert tm.eager and "modeling_" in tm.capture_info["eager_reason"]
+    assert tm.eager and "modeling_" in tm.capture_info.eager_reason
     assert len(cbx.adapters(tm)) == 4
     # training-time features on: masked time steps and dropped layers differ call to call
     labels = torch.randint(1, 32, (2, 5))
@@ -85,3 +85,19 @@ def test_led_trains_folds_and_generates_eagerly() -> None:
                                    tm(input_ids=ids, labels=labels).logits, rtol=1e-5, atol=1e-5)
     out = tm.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, folded.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_expert_parameters_on_the_eager_path_say_where_they_are_targets() -> None:
+    """MoE expert weights (3-D parameters) are targets on the graph path
+    (tests/test_families_onnx.py::test_moe_expert_parameters_as_targets);
+    on the eager path the error says so instead of 'matched no linear op'."""
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(cbx.errors.TargetError, match="expert parameters.*graph path only"):
+        cbx.transform(model, cbx.Spec(targets=["*.experts.gate_up_proj"], rank=2),
+                      example_kwargs={"input_ids": ids}, capture="eager")

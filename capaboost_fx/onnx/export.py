@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from capaboost_fx.errors import ExportError, InputError, VerificationError
-from capaboost_fx.model import FoldedModel
+from capaboost_fx.model import CapaBoostModel, FoldedModel
 from capaboost_fx.onnx.candidates import check_candidate, choose, dynamo_candidates
 from capaboost_fx.onnx.exporters import DESCRIBE, torchscript_candidates
 from capaboost_fx.onnx.optimize import EXTERNAL_DATA_THRESHOLD
@@ -235,6 +235,11 @@ def export_onnx(
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if getattr(module, "eager", False) is True and isinstance(module, FoldedModel):
         module = module.base_model  # the fold of an eager training module: your model itself
+    if isinstance(module, CapaBoostModel):
+        warnings.warn(
+            "export_onnx got a training module: its masked adapter subgraphs are exported as "
+            "they are (extra nodes, bytes and latency); export fold(train_model) to deploy the "
+            "original architecture with merged weights", UserWarning, stacklevel=2)
     final = Path(os.fspath(path)).absolute()
     tmpdir = _make_tempdir(final)
     try:

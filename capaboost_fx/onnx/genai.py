@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from capaboost_fx.errors import ExportError, InputError, MissingDependencyError, VerificationError
@@ -103,7 +104,6 @@ def _copy_tokenizer(source: Path, target: Path) -> list[str]:
 
 
 def _greedy_torch(checkpoint: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
@@ -140,6 +140,8 @@ def export_genai(
     precision: str = "fp32",
     execution_provider: str = "cpu",
     *,
+    # Eleven parameters: the builder's own options (precision, provider, extra_options), where
+    # the checkpoint and tokenizer come from, and the token check; all but two have defaults.
     base_model: nn.Module | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -190,7 +192,31 @@ def export_genai(
         ) from e
     out = Path(os.fspath(out_dir)).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
+    checkpoint = _checkpoint(module_or_dir, out, checkpoint_dir, base_model, tokenizer_dir)
+    seconds = _build(checkpoint, out, precision, execution_provider, extra_options)
+    report = GenaiReport(
+        out_dir=os.fspath(out),
+        checkpoint_dir=os.fspath(checkpoint),
+        precision=precision,
+        execution_provider=execution_provider,
+        files=sorted(p.name for p in out.iterdir() if p.is_file()),
+        builder_seconds=round(seconds, 2),
+        verified=False,
+        notes=[],
+    )
+    if not verify:
+        return report
+    if execution_provider != "cpu" and not (
+            execution_provider == "cuda" and torch.cuda.is_available()):
+        report.notes.append(f"not verified: no {execution_provider} device here")
+        return report
+    return _verify_tokens(report, checkpoint, prompt_ids, new_tokens)
+
+
+def _checkpoint(module_or_dir: Any, out: Path, checkpoint_dir: Any,
+                base_model: nn.Module | None, tokenizer_dir: Any) -> Path:
+    """The Hugging Face checkpoint the builder reads (written from a module when given one),
+    with the tokenizer files beside it."""
     if isinstance(module_or_dir, (str, os.PathLike)):
         checkpoint = Path(os.fspath(module_or_dir)).absolute()
         if not (checkpoint / "config.json").is_file():
@@ -208,7 +234,12 @@ def export_genai(
             f"{checkpoint} holds no tokenizer (tokenizer.json or tokenizer.model); the "
             "onnxruntime-genai builder needs one: pass tokenizer_dir"
         )
+    return checkpoint
 
+
+def _build(checkpoint: Path, out: Path, precision: str, execution_provider: str,
+           extra_options: Mapping[str, Any] | None) -> float:
+    """Run ``onnxruntime_genai.models.builder`` (offline); its seconds."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
     cmd += ["-i", os.fspath(checkpoint), "-o", os.fspath(out)]
     cmd += ["-p", precision, "-e", execution_provider]
@@ -227,28 +258,13 @@ def export_genai(
             f"onnxruntime_genai.models.builder failed for {checkpoint} -> {out} "
             f"(exit {proc.returncode}):\n" + "\n".join(tail)
         )
-    report = GenaiReport(
-        out_dir=os.fspath(out),
-        checkpoint_dir=os.fspath(checkpoint),
-        precision=precision,
-        execution_provider=execution_provider,
-        files=sorted(p.name for p in out.iterdir() if p.is_file()),
-        builder_seconds=round(seconds, 2),
-        verified=False,
-        notes=notes,
-    )
-    if not verify:
-        return report
-    if execution_provider != "cpu":
-        try:
-            import torch
+    return seconds
 
-            usable = execution_provider == "cuda" and torch.cuda.is_available()
-        except Exception:
-            usable = False
-        if not usable:
-            notes.append(f"not verified: no {execution_provider} device here")
-            return report
+
+def _verify_tokens(report: GenaiReport, checkpoint: Path, prompt_ids: Sequence[int] | None,
+                   new_tokens: int) -> GenaiReport:
+    """Greedy tokens from onnxruntime-genai beside transformers' ``generate``; fp32 must
+    match token for token."""
     if prompt_ids is None:
         from transformers import AutoTokenizer
 
@@ -257,6 +273,7 @@ def export_genai(
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise InputError("prompt_ids is empty")
+    out = Path(report.out_dir)
     report.prompt_ids = prompt
     report.torch_tokens = _greedy_torch(checkpoint, prompt, new_tokens)
     report.onnx_tokens = _greedy_genai(out, prompt, new_tokens)
@@ -268,7 +285,7 @@ def export_genai(
     report.matching_prefix = same
     report.tokens_match = report.onnx_tokens == report.torch_tokens
     report.verified = True
-    if not report.tokens_match and precision == "fp32":
+    if not report.tokens_match and report.precision == "fp32":
         raise VerificationError(
             f"{out}: greedy tokens from onnxruntime-genai differ from transformers' generate "
             f"after {same} of {new_tokens} new tokens: onnx {report.onnx_tokens} vs torch "

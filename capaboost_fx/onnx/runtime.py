@@ -230,6 +230,30 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
     raise InputError(f"input {name!r} is a {type(value).__name__}; pass a numpy array or tensor")
 
 
+def _session_options(ort: Any, level: str, optimized_model_path: Any, intra: int | None,
+                     inter: int | None, sequential: bool,
+                     config: Mapping[str, str] | None) -> Any:
+    """``onnxruntime.SessionOptions`` for `open_session`'s arguments."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = os.fspath(optimized_model_path)
+    if intra is not None:
+        options.intra_op_num_threads = int(intra)
+    if inter is not None:
+        options.inter_op_num_threads = int(inter)
+    if sequential:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(str(key), str(value))
+    return options
+
+
 def open_session(
     path: str | os.PathLike,
     providers: str | Sequence[str] = "auto",
@@ -277,23 +301,9 @@ def open_session(
     if CPU not in usable:
         usable.append(CPU)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[graph_optimization_level]
-    if optimized_model_path is not None:
-        options.optimized_model_filepath = os.fspath(optimized_model_path)
-    if intra_op_num_threads is not None:
-        options.intra_op_num_threads = int(intra_op_num_threads)
-    if inter_op_num_threads is not None:
-        options.inter_op_num_threads = int(inter_op_num_threads)
-    if sequential:
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(str(key), str(value))
+    options = _session_options(ort, graph_optimization_level, optimized_model_path,
+                               intra_op_num_threads, inter_op_num_threads, sequential,
+                               session_config)
     # Keep onnxruntime's own provider warnings out of the user's log: we report fallbacks.
     options.log_severity_level = 3
     try:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from capaboost_fx.errors import VerificationError
+from capaboost_fx.errors import InputError, VerificationError
 from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import as_args, eval_mode, flat_outputs, flat_tensors, second_inputs
 from capaboost_fx.onnx.stats import onnx_stats
@@ -104,12 +104,64 @@ def _check_output(
     return worst, close, agree
 
 
+Case = tuple[dict[str, torch.Tensor], list[torch.Tensor]]  # (onnxruntime feeds, torch outputs)
+
+
+def _cases(path: Any, module: nn.Module, args: tuple, kwargs: dict, second_shape: bool,
+           notes: list[str]) -> list[Case]:
+    """The inputs to compare at: the example, and (`second_shape`) the example resized along
+    the file's dynamic dims, each with PyTorch's outputs."""
+    graph = onnx_stats(path)
+    input_names = [i["name"] for i in graph.inputs]
+    n_outputs = len(graph.outputs)
+    specs = [(i["name"], i["dtype"], i["shape"]) for i in graph.inputs]
+    if len(flat_tensors(args, kwargs)) != len(specs):
+        raise VerificationError(
+            f"{path} takes {len(specs)} inputs {input_names}, the example has "
+            f"{len(flat_tensors(args, kwargs))} tensors"
+        )
+    cases: list[Case] = []
+
+    def add(a: tuple, k: dict, reference: Any) -> None:
+        want = flat_outputs(reference)
+        if len(want) != n_outputs:
+            raise VerificationError(
+                f"{path} has {n_outputs} outputs {[o['name'] for o in graph.outputs]}, the "
+                f"module returns {len(want)} tensors"
+            )
+        cases.append((dict(zip(input_names, flat_tensors(a, k), strict=True)), want))
+
+    with eval_mode(module), torch.no_grad():
+        add(args, kwargs, module(*args, **kwargs))
+        if not second_shape:
+            return cases
+        resized = None
+        for batch_only in (False, True):
+            resized = second_inputs(args, kwargs, specs, batch_only)
+            if resized is None:
+                notes.append("the ONNX graph has no dynamic input dims; checked one shape")
+                break
+            try:
+                reference = module(*resized[0], **resized[1])
+            except Exception as e:  # PyTorch itself refuses this shape (e.g. fixed image size):
+                # reported in the notes and warned below, never silent
+                notes.append(f"PyTorch refused resized inputs (batch_only={batch_only}): {e}")
+                continue
+            add(*resized, reference)
+            break
+    if len(cases) == 1 and resized is not None:
+        warnings.warn(f"{path}: verified at the example's shape only; {notes[-1]}", stacklevel=3)
+    return cases
+
+
 def verify_onnx(
     path: str | os.PathLike,
     module: nn.Module,
     example_inputs: Any = (),
     example_kwargs: Mapping[str, Any] | None = None,
     *,
+    # Ten parameters: the file, the module, its example call, and six independent checks'
+    # settings, each with a default; keywords, as for torch.testing.assert_close.
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     second_shape: bool = True,
@@ -135,53 +187,17 @@ def verify_onnx(
         q = verify_onnx("model.int8.onnx", deploy, (ids,), strict=False)
         q.argmax_agreement["logits"]
     """
-    args = as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(module, nn.Module):
+        raise InputError(
+            f"verify_onnx(path, module, ...) takes the ONNX file's path and the PyTorch module; "
+            f"got {type(path).__name__} and {type(module).__name__}")
     levels = list(dict.fromkeys(optimization_levels))
     if not levels:
         raise VerificationError("optimization_levels is empty; use e.g. ('all', 'disable')")
-    graph = onnx_stats(path)
-    input_names = [i["name"] for i in graph.inputs]
-    output_names = [o["name"] for o in graph.outputs]
-    specs = [(i["name"], i["dtype"], i["shape"]) for i in graph.inputs]
-    if len(flat_tensors(args, kwargs)) != len(specs):
-        raise VerificationError(
-            f"{path} takes {len(specs)} inputs {input_names}, the example has "
-            f"{len(flat_tensors(args, kwargs))} tensors"
-        )
     notes: list[str] = []
-    cases: list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = []
-
-    def add(a: tuple, k: dict, reference: Any) -> None:
-        want = flat_outputs(reference)
-        if len(want) != len(output_names):
-            raise VerificationError(
-                f"{path} has {len(output_names)} outputs {output_names}, the module returns "
-                f"{len(want)} tensors"
-            )
-        cases.append((dict(zip(input_names, flat_tensors(a, k), strict=True)), want))
-
-    with eval_mode(module), torch.no_grad():
-        add(args, kwargs, module(*args, **kwargs))
-        if second_shape:
-            resized = None
-            for batch_only in (False, True):
-                resized = second_inputs(args, kwargs, specs, batch_only)
-                if resized is None:
-                    notes.append("the ONNX graph has no dynamic input dims; checked one shape")
-                    break
-                try:
-                    reference = module(*resized[0], **resized[1])
-                except Exception as e:  # PyTorch itself refuses this shape (e.g. fixed image size)
-                    notes.append(f"PyTorch refused resized inputs (batch_only={batch_only}): {e}")
-                    continue
-                add(*resized, reference)
-                break
-            if len(cases) == 1 and resized is not None:
-                warnings.warn(
-                    f"{path}: verified at the example's shape only; {notes[-1]}", stacklevel=2
-                )
-
+    cases = _cases(path, module, as_args(example_inputs), dict(example_kwargs or {}),
+                   second_shape, notes)
+    output_names = [o["name"] for o in onnx_stats(path).outputs]
     per_output: dict[str, float] = {}
     agreement: dict[str, list[int]] = {}
     close_everywhere = True

@@ -13,7 +13,7 @@ model runs as it is, so whatever it does (quantized kernels, data-dependent code
 masking, KV caches) keeps working; the fold, files and ONNX export are the graph path's.
 
 When `transform` takes this path (``capture="eager"``, or ``"auto"`` when the model holds
-quantized weights or torch.export fails) it says why in ``capture_info["eager_reason"]``.
+quantized weights or torch.export fails) it says why in ``capture_info.eager_reason``.
 """
 
 from __future__ import annotations

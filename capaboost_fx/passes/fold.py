@@ -60,7 +60,8 @@ def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor],
     statistics), aliases of everything else (no copy)."""
     base: nn.Module = getattr(tm, BASE)
     own = {id(t) for t in tm.parameters() if t.requires_grad}
-    own |= {id(b) for b in base.buffers() if getattr(b, "_capaboost_private", False)}
+    own |= {id(b) for n, b in base.named_buffers(remove_duplicate=False)
+            if n in tm.private_buffers}
     return restore_cache_flags(structure_copy(tm.structure_source(), base, merged, own,
                                               requantize))
 
