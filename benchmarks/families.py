@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -236,6 +237,14 @@ assert sorted(KIND) == sorted(FAMILIES), set(KIND) ^ set(FAMILIES)
 # base model, without capaboost_fx, fails the same way): the stage, the cause, and the upstream
 # threads that explain it. Rendered in the table's Notes column and in the JSON (`upstream`).
 UPSTREAM: dict[str, dict] = {
+    "led": {
+        "stage": "onnx",
+        "cause": "plain `torch.onnx.export` of the base LED fails the same way: torch.export "
+                 "cannot trace LED's data-dependent code (`_chunk`'s view on a data-dependent "
+                 "size; with `config.onnx_export=True`, `if is_global_attn:` on an `.item()`)",
+        "links": ["https://github.com/huggingface/transformers/pull/33694",
+                  "https://github.com/huggingface/transformers/pull/46169"],
+    },
     "mamba": {
         "stage": "peft",
         "cause": "PEFT refuses LoRA on Mamba's `out_proj` and `conv1d` (its fused CUDA kernel "
@@ -249,8 +258,8 @@ UPSTREAM: dict[str, dict] = {
 # the model's own code; plain torch.export of the base model fails the same way), with the
 # upstream threads about it.
 EAGER_WHY = {
-    "led": ("torch.export cannot trace LED's data-dependent branch on its global-attention "
-            "mask (`is_global_attn = ....any().item()`, then `if is_global_attn:`)",
+    "led": ("torch.export cannot trace LED's data-dependent code: `_chunk`'s view on a "
+            "data-dependent size, and `if is_global_attn:` on an `.item()` of its mask",
             ["https://github.com/huggingface/transformers/pull/33694"]),
     "wav2vec2": ("SpecAugment's numpy masking (`_compute_mask_indices`) and random LayerDrop "
                  "in train mode", ["https://github.com/huggingface/transformers/issues/22849",
@@ -260,8 +269,12 @@ EAGER_WHY = {
 }
 
 
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)  # torch.onnx's colors
+
+
 def _first(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in _plain(str(err)).splitlines() if ln.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:160]
 
 
@@ -303,9 +316,9 @@ def run_family(name: str) -> dict:
     try:
         t0 = time.perf_counter()
         tm = cbx.transform(model, spec, example_kwargs=example)
-        row["transform"] = f"ok ({tm.capture_info['capture']}, {time.perf_counter() - t0:.1f}s)"
-        if tm.capture_info.get("eager_reason"):
-            row["eager_reason"] = str(tm.capture_info["eager_reason"])[:300]
+        row["transform"] = f"ok ({tm.capture_info.capture}, {time.perf_counter() - t0:.1f}s)"
+        if tm.capture_info.eager_reason:
+            row["eager_reason"] = str(tm.capture_info.eager_reason)[:300]
         stage = "train"
         tm.train()
         _loss(tm(**call)).backward()
@@ -335,8 +348,8 @@ def run_family(name: str) -> dict:
     try:
         from peft import LoraConfig, get_peft_model
 
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
-                        if any(cbx.spec.pattern_matches(p, n) for p in targets)})
+        names = sorted(n for n, _ in model.named_modules()  # the same modules, by full name
+                       if any(cbx.spec.pattern_matches(p, n) for p in targets))
         lora = get_peft_model(getattr(transformers, model_cls)(
             getattr(transformers, config_cls)(**cfg)), LoraConfig(r=4, target_modules=names))
         lora.train()
@@ -426,7 +439,7 @@ def _notes(r: dict) -> str:
         why, links = EAGER_WHY.get(r["family"], (r["eager_reason"], []))
         notes.append(f"eager path: {why}" + (f" ({_links(links)})" if links else ""))
     if r.get("base"):
-        notes.append(r["base"])
+        notes.append(_plain(r["base"]).split(". ")[0])
     up = r.get("upstream")
     if up:
         links = _links(up.get("links", []))
@@ -461,8 +474,9 @@ def render(rows: list[dict], ok: dict, data: dict) -> str:
         f"- **Conditions**: torch {data['torch']}, transformers {data['transformers']}, PEFT "
         f"{m.get('peft')}, onnxruntime {m.get('onnxruntime')}, onnx {m.get('onnx')}, "
         f"onnxscript {m.get('onnxscript')}; Python {m.get('python')}; {cpu}, "
-        f"{m.get('nproc')} cores, {THREADS} torch threads (a shared machine: seconds are "
-        "indicative only).",
+        f"{m.get('nproc')} cores, {THREADS} torch threads, load average "
+        f"{(m.get('loadavg_at_start') or ['?'])[0]} at the start (a machine shared with other "
+        "jobs: seconds are indicative only).",
         "- **Spec**: rank 4, 2 masks, density 0.5; the adapters' B set to N(0, 0.1²) before "
         "fold so that they act. Example batch 2 × 8 tokens (images 16 × 16, audio 800 "
         "samples); the training step runs at another batch and sequence (e.g. 5 × 11).",
@@ -483,7 +497,8 @@ def render(rows: list[dict], ok: dict, data: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        cells = [str(r.get(s, "—")).replace("|", "\\|") for s in STAGES]
+        cells = [re.sub(r"/tmp/\S+/", "", str(r.get(s, "—"))).replace("|", "\\|")
+                 for s in STAGES]
         lines.append(f"| {r['kind']} | {r['family']} | `{r['model']}` | " + " | ".join(cells)
                      + f" | {_notes(r)} |")
     lines += [
