@@ -135,6 +135,8 @@ def test_a_real_difference_beyond_the_spread_is_not_noise():
                         providers=[])
     assert not compare_latency(lone, _stats([14] * 5)).noise
     assert compare_latency(lone, _stats([10.5] * 5)).noise
+    one = compare_latency(_stats([10]), _stats([12]))  # one round: no spread to judge by
+    assert one.describe() == "+20.0 % (one round: no spread measured, no call made)"
 
 
 # --------------------------------------------------------------------------- conditions

@@ -199,6 +199,8 @@ class LatencyComparison:
 
     def describe(self) -> str:
         """E.g. ``+3.0 % (within the ±8.0 % spread of 20 interleaved rounds: noise)``."""
+        if self.rounds < 2:
+            return f"{100 * self.difference:+.1f} % (one round: no spread measured, no call made)"
         where = "within" if self.noise else "beyond"
         call = "noise" if self.noise else "a real difference"
         rounds = f"{self.rounds} interleaved round{'s' if self.rounds != 1 else ''}"
