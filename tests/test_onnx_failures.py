@@ -108,3 +108,20 @@ def test_verify_onnx_with_its_arguments_swapped_says_so(tmp_path):
     model = nn.Linear(8, 2)
     with pytest.raises(InputError, match="takes the ONNX file's path and the PyTorch module"):
         verify_onnx(model, tmp_path / "m.onnx", (X,))
+
+
+def test_when_every_exporter_fails_the_error_lists_what_was_tried(tmp_path, monkeypatch):
+    """Pinned TorchScript fails its check, its dynamo fallback fails to trace: the error
+    is the last failure, and says what failed before it."""
+    import capaboost_fx.onnx.candidates as candidates
+    from capaboost_fx.errors import VerificationError
+
+    def wrong(path, *args, **kwargs):
+        raise VerificationError("output 'output' differs: boom")
+
+    monkeypatch.setattr(candidates, "verify_onnx", wrong)
+    with pytest.warns(RuntimeWarning, match="'torchscript' graph failed its check"), \
+            pytest.raises(ExportError, match="(?s)failed at torch.export.*tried before: "
+                                             "VerificationError: output 'output' differs"):
+        export_onnx(Switched().eval(), tmp_path / "m.onnx", (X,), optimize="torchscript")
+    assert os.listdir(tmp_path) == []

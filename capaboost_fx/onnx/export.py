@@ -185,8 +185,14 @@ def _make_and_check(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
                 _fail(call, final, f"the {c.kind!r} graph failed its check "
                       f"({type(e).__name__}: {e}){nxt}")
     if not passed:
-        raise errors[-1] if errors else ExportError(
-            f"no ONNX graph could be made for {final}: {'; '.join(call.notes)}")
+        if not errors:
+            raise ExportError(f"no ONNX graph could be made for {final}: "
+                              f"{'; '.join(call.notes)}")
+        if len(errors) > 1:  # say what was tried before the last failure
+            earlier = "; ".join(f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
+                                for e in errors[:-1])
+            raise type(errors[-1])(f"{errors[-1]}\n  tried before: {earlier}") from errors[-1]
+        raise errors[-1]
     return passed
 
 
