@@ -35,8 +35,11 @@ if ROOT not in sys.path:  # `python benchmarks/run.py` from anywhere uses this c
     sys.path.insert(0, ROOT)
 
 import capaboost_fx as cbx  # noqa: E402
-from capaboost_fx.onnx.runtime import round_order  # noqa: E402
-from capaboost_fx.onnx.timing import conditions, describe_conditions  # noqa: E402
+from capaboost_fx.onnx.timing import (  # noqa: E402
+    conditions,
+    describe_conditions,
+    round_order,  # noqa: E402
+)
 
 TARGETS = ["*.query", "*.value"]
 THREADS = 2

@@ -30,16 +30,15 @@ from capaboost_fx.onnx.export import (
 )
 from capaboost_fx.onnx.optimize import fuse_for_ort, quantize_int8
 from capaboost_fx.onnx.runtime import (
-    LatencyStats,
     Session,
     cuda_usable,
-    measure_latency,
     open_session,
     resolve_providers,
     synthesize_inputs,
 )
 from capaboost_fx.onnx.shapes import auto_dynamic_shapes, axis_names
 from capaboost_fx.onnx.stats import CompareReport, OnnxStats, compare_onnx, onnx_stats
+from capaboost_fx.onnx.timing import LatencyStats, measure_latency
 from capaboost_fx.onnx.verify import VerifyResult, verify_onnx
 
 __all__ = [

@@ -14,7 +14,8 @@ recorded choice:
 
 `Session.providers` is what the session actually runs on; reports quote it.
 
-`measure_latency` is the one way this project times onnxruntime (compare_onnx, the demo, the
+`capaboost_fx.onnx.timing.measure_latency` (which imports this module, not the other way round)
+is the one way this project times onnxruntime (compare_onnx, the demo, the
 benchmarks, examples/serve_onnx.py): several models run in interleaved rounds, the order rotated
 every round, so that drift and other load hit them alike; `LatencyStats` summarises the rounds
 with `statistics.quantiles`.
@@ -56,13 +57,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CPU",
     "CUDA",
-    "LatencyStats",
     "Session",
     "cuda_usable",
-    "measure_latency",
     "open_session",
     "resolve_providers",
-    "round_order",
     "synthesize_inputs",
 ]
 
@@ -380,6 +378,3 @@ def synthesize_inputs(
             feeds[name] = np.ones(dims, dtype=dtype)
     return feeds
 
-
-# Latency measurement lives in capaboost_fx.onnx.timing; its names stay importable from here.
-from capaboost_fx.onnx.timing import LatencyStats, measure_latency, round_order  # noqa: E402

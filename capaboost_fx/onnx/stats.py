@@ -31,8 +31,13 @@ from typing import Any
 import numpy as np
 
 from capaboost_fx.errors import ExportError, InputError, OnnxFileNotFoundError
-from capaboost_fx.onnx.runtime import LatencyStats, measure_latency, open_session, synthesize_inputs
-from capaboost_fx.onnx.timing import LatencyComparison, compare_latency
+from capaboost_fx.onnx.runtime import open_session, synthesize_inputs
+from capaboost_fx.onnx.timing import (
+    LatencyComparison,
+    LatencyStats,
+    compare_latency,
+    measure_latency,
+)
 
 __all__ = ["CompareReport", "OnnxStats", "compare_onnx", "onnx_stats"]
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from capaboost_fx.errors import InputError
+from capaboost_fx.onnx.runtime import Session, _to_numpy
 
 
 @dataclass
@@ -74,8 +75,6 @@ Runner = Any  # a Session, an onnxruntime.InferenceSession, or a callable taking
 
 
 def _runner(target: Runner, feeds: Mapping[str, Any] | None, name: str) -> tuple[Callable, list]:
-    from capaboost_fx.onnx.runtime import Session, _to_numpy  # runtime re-exports this module
-
     if isinstance(target, Session):
         if feeds is None:
             raise InputError(f"measure_latency: {name!r} is a session; pass its feeds")
