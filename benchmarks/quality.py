@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import capaboost_fx as cbx  # noqa: E402
 from capaboost_fx.demo.data import load_data, load_model, train_batches  # noqa: E402
 from capaboost_fx.demo.report import pyplot, save_figure, write_text  # noqa: E402
-from capaboost_fx.demo.train import train_arm  # noqa: E402
+from capaboost_fx.demo.train import TrainSettings, train_arm  # noqa: E402
 from capaboost_fx.spec import scaling_factor  # noqa: E402
 
 TARGETS = ["*.query", "*.value"]
@@ -117,8 +117,8 @@ def one_run(arm: str, lr: float, seed: int, base: Any, data: Any, cfg: Mapping[s
             ) -> dict[str, Any]:
     t0 = time.perf_counter()
     order = train_batches(len(data.train_seqs), cfg["steps"], cfg["batch_size"], seed)
-    res = train_arm(base, make_spec(arm, seed), data, steps=cfg["steps"],
-                    batch_size=cfg["batch_size"], lr=lr, seed=seed, order=order, keep_singular=0)
+    settings = TrainSettings(steps=cfg["steps"], batch_size=cfg["batch_size"], lr=lr, seed=seed)
+    res = train_arm(base, make_spec(arm, seed), data, settings, order=order, keep_singular=0)
     spec, layer = res.spec, next(iter(res.adapters["layers"].values()))
     want = scaling_factor(spec.alpha, spec.rank, spec.num_masks, spec.density, spec.scaling)
     if not math.isclose(layer["scaling"], want) or layer["init"] != spec.init:

@@ -220,6 +220,8 @@ def transform(
     example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     *,
+    # Nine parameters: torch.export's own (model, inputs, dynamic_shapes) beside the spec,
+    # then four keyword-only choices about the training module, each with a default.
     blocks: Any = "auto",
     checkpoint: Any = None,
     modes: tuple[str, ...] = ("train", "eval"),

@@ -25,7 +25,7 @@ Numbers are reported as measured: on a short CPU run CapaBoost may or may not be
 from .config import QUICK, DemoConfig, arm_spec
 from .report import REPORT_KEYS, render_markdown
 from .run import main, run
-from .train import ArmResult, train_arm
+from .train import ArmResult, TrainSettings, train_arm
 
 __all__ = ["QUICK", "REPORT_KEYS", "ArmResult", "DemoConfig", "arm_spec", "main",
-           "render_markdown", "run", "train_arm"]
+           "render_markdown", "run", "train_arm", "TrainSettings"]

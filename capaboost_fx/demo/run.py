@@ -32,7 +32,7 @@ from .data import (
     train_batches,
 )
 from .report import FOLD_ATOL, NEAR_TIE, plot_loss, plot_spectrum, write_report
-from .train import ArmResult, progress, train_arm
+from .train import ArmResult, TrainSettings, progress, train_arm
 
 
 def _say(config: DemoConfig, text: str) -> None:
@@ -167,11 +167,12 @@ def _train_arms(config: DemoConfig, base: nn.Module, data: SST2Data,
         spec = arm_spec(config, arm)
         _say(config, f"[demo] {ARM_TITLES[arm]} r={spec.rank} d={spec.num_masks} "
                      f"density={spec.density:g} lr={config.lr(arm):g}: capturing the model")
-        result = train_arm(base, spec, data, steps=config.steps, batch_size=config.batch_size,
-                           lr=config.lr(arm), seed=config.seed, warmup=config.warmup,
-                           weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                           eval_batch_size=config.eval_batch_size, order=order,
-                           show=config.progress, desc=ARM_TITLES[arm])
+        settings = TrainSettings(
+            steps=config.steps, batch_size=config.batch_size, lr=config.lr(arm),
+            seed=config.seed, warmup=config.warmup, weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm, eval_batch_size=config.eval_batch_size)
+        result = train_arm(base, spec, data, settings, order=order, show=config.progress,
+                           desc=ARM_TITLES[arm])
         report["runs"][arm] = result.summary()
         trained[arm] = result
         s = result.adapters

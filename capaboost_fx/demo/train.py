@@ -5,7 +5,7 @@ adapters). The demo and ``benchmarks/quality.py`` both train through `train_arm`
     base, tok, _ = load_model(seed=0)
     data = load_data(tok, max_length=64)
     arm = train_arm(base, Spec(targets=["*.query", "*.value"], trainable=["classifier"]), data,
-                    steps=300, batch_size=32, lr=1e-3, seed=0)
+                    TrainSettings(steps=300, batch_size=32, lr=1e-3, seed=0))
     arm.accuracy, arm.summary()["adapters"]["mean_rank"]
 """
 
@@ -34,26 +34,41 @@ def progress(iterable: Iterable, enabled: bool, **kwargs: Any) -> Iterable:
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
-def fit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
-        steps: int, lr: float, seed: int, weight_decay: float = 0.0, warmup: float = 0.06,
-        max_grad_norm: float | None = 1.0, show: bool = False, desc: str = "train"
-        ) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one arm is fine-tuned: `steps` batches of `batch_size`, AdamW at `lr` (warm-up over
+    the first `warmup` fraction of the steps, then linear decay to 0), `weight_decay`, gradient
+    clipping at `max_grad_norm` (None: off), dropout and batch order seeded with `seed`; dev
+    evaluation in batches of `eval_batch_size`."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_batch_size: int = 64
+
+
+def fit(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        settings: TrainSettings, *, show: bool = False, desc: str = "train") -> dict[str, Any]:
     """Fine-tune what requires grad in `model` with AdamW and cross-entropy on the logits.
 
     `batches` yields ``(input_ids, attention_mask, labels)``. The learning rate warms up
-    linearly over the first `warmup` fraction of `steps`, then decays linearly to 0
-    (``transformers.get_linear_schedule_with_warmup``). Dropout draws from the global RNG,
-    seeded with `seed` first. Returns ``{"losses", "seconds", "steps"}``; the model is left in
-    eval mode.
+    linearly, then decays linearly to 0 (``transformers.get_linear_schedule_with_warmup``).
+    Dropout draws from the global RNG, seeded with ``settings.seed`` first. Returns
+    ``{"losses", "seconds", "steps"}``; the model is left in eval mode.
     """
     from transformers import get_linear_schedule_with_warmup
 
+    steps, max_grad_norm = settings.steps, settings.max_grad_norm
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter that requires grad")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = get_linear_schedule_with_warmup(opt, round(steps * warmup), steps)
-    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, round(steps * settings.warmup), steps)
+    torch.manual_seed(settings.seed)
     model.train()
     losses: list[float] = []
     bar = progress(batches, show, total=steps, desc=desc, unit="step")
@@ -186,25 +201,23 @@ class ArmResult:
         return out
 
 
-def train_arm(base: nn.Module, spec: cbx.Spec, data: SST2Data, *, steps: int, batch_size: int,
-              lr: float, seed: int, warmup: float = 0.06, weight_decay: float = 0.0,
-              max_grad_norm: float | None = 1.0, eval_batch_size: int = 64,
+def train_arm(base: nn.Module, spec: cbx.Spec, data: SST2Data, settings: TrainSettings, *,
               order: Sequence[Sequence[int]] | None = None, show: bool = False,
               desc: str = "", keep_singular: int = 48) -> ArmResult:
-    """Transform `base` with `spec` (base itself is never changed), fine-tune it on `data` for
-    `steps` batches (`order`, default ``train_batches(..., seed)``), evaluate on the dev
-    sentences and summarise the adapters."""
+    """Transform `base` with `spec` (base itself is never changed), fine-tune it on `data`
+    (`settings`; batches in `order`, default ``train_batches(..., settings.seed)``), evaluate on
+    the dev sentences and summarise the adapters."""
+    s = settings
     if order is None:
-        order = train_batches(len(data.train_seqs), steps, batch_size, seed)
+        order = train_batches(len(data.train_seqs), s.steps, s.batch_size, s.seed)
     desc = desc or f"r={spec.rank} d={spec.num_masks}"
     t0 = time.perf_counter()
     tm = cbx.transform(base, spec, example_kwargs=data.example())
     transform_s = time.perf_counter() - t0
-    run = fit(tm, data.batches(order), steps=steps, lr=lr, seed=seed, weight_decay=weight_decay,
-              warmup=warmup, max_grad_norm=max_grad_norm, show=show, desc=f"train {desc}")
-    ev = evaluate(tm, data.dev_seqs, data.dev_labels, data.pad_id, eval_batch_size, show=show,
-                  desc=f"eval {desc}")
-    return ArmResult(model=tm, spec=spec, lr=lr, seed=seed, losses=run["losses"],
+    run = fit(tm, data.batches(order), s, show=show, desc=f"train {desc}")
+    ev = evaluate(tm, data.dev_seqs, data.dev_labels, data.pad_id, s.eval_batch_size,
+                  show=show, desc=f"eval {desc}")
+    return ArmResult(model=tm, spec=spec, lr=s.lr, seed=s.seed, losses=run["losses"],
                      train_seconds=run["seconds"], transform_seconds=transform_s, evaluation=ev,
                      adapters=adapter_summary(tm, keep_singular))
 

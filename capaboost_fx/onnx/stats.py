@@ -414,6 +414,8 @@ def _match_folded(report: CompareReport, base_path, other_path) -> None:
 def compare_onnx(
     base_path: str | os.PathLike,
     other_path: str | os.PathLike,
+    # Ten parameters: two files, then the latency measurement's settings (each defaulted, each
+    # one knob of how the files are timed: rounds, inputs, providers, threads).
     latency: bool = True,
     runs: int = 30,
     warmup: int = 3,
