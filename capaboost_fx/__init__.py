@@ -40,7 +40,7 @@ from .errors import (
 )
 from .io import load_adapter, read_header, save_adapter
 from .masks import mask_kinds, register_mask
-from .model import CapaBoostModel, CaptureInfo, FoldedModel
+from .model import CapaBoostModel, CaptureInfo, FoldedModel, FoldPlan
 from .onnx import (
     CompareReport,
     ExportOptions,
@@ -78,6 +78,7 @@ __all__ = [
     "mask_kinds",
     "CapaBoostModel",
     "CaptureInfo",
+    "FoldPlan",
     "FoldedModel",
     "AdapterSite",
     "CapaBoostAdapter",

@@ -72,15 +72,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
     path = adapter_path(path)
     if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
-        hint = (f" It holds {found}; pass one of them." if found else "")
-        if (path / "adapter_config.json").exists():
-            hint += (" (adapter_config.json + adapter_model.safetensors is a PEFT LoRA export "
-                     "from to_peft_lora: load that with peft, not load_adapter.)")
-        raise AdapterFileNotFoundError(
-            f"adapter path {str(path)!r} is a directory; load_adapter needs the single "
-            f".safetensors file written by capaboost_fx.save_adapter, or a directory written by "
-            f"train_model.save_pretrained (holding {ADAPTER_FILE}).{hint}")
+        _refuse_directory(path)
     if not path.is_file():
         raise AdapterFileNotFoundError(f"adapter file {str(path)!r} does not exist.")
     try:
@@ -112,24 +104,41 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("spec", dict), ("targets", dict), ("trainable", list), ("sha256", dict)):
         if not isinstance(header.get(key), kind):
             raise AdapterFileError(f"{str(path)!r}: header field {key!r} is missing or malformed.")
+    _check_header_digest(header, path)
+    return header
+
+
+def _refuse_directory(path: Path) -> None:
+    """A directory that is no ``save_pretrained`` output: say what it holds instead."""
+    found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+    hint = (f" It holds {found}; pass one of them." if found else "")
+    if (path / "adapter_config.json").exists():
+        hint += (" (adapter_config.json + adapter_model.safetensors is a PEFT LoRA export "
+                 "from to_peft_lora: load that with peft, not load_adapter.)")
+    raise AdapterFileNotFoundError(
+        f"adapter path {str(path)!r} is a directory; load_adapter needs the single "
+        f".safetensors file written by capaboost_fx.save_adapter, or a directory written by "
+        f"train_model.save_pretrained (holding {ADAPTER_FILE}).{hint}")
+
+
+def _check_header_digest(header: dict[str, Any], path: Path) -> None:
     digest = header.get("header_sha256")
     if digest is None:
         warnings.warn(CapaBoostWarning(
             f"{str(path)!r} has no header checksum (saved by an earlier capaboost_fx "
             f"{header.get('library', '?')}): its spec and shapes cannot be verified. Save it "
-            "again to add one."), stacklevel=3)
-    else:
-        try:
-            ok = digest == _header_digest(header)
-        except ValueError:  # NaN/Inf smuggled into the header
-            ok = False
-        if not ok:
-            raise AdapterFileError(
-                f"{str(path)!r}: the header (spec, target shapes, checksums) does not match its "
-                "sha256: it was edited or damaged after saving. Save the adapter again from the "
-                "training module instead of editing the file."
-            )
-    return header
+            "again to add one."), stacklevel=4)
+        return
+    try:
+        ok = digest == _header_digest(header)
+    except ValueError:  # NaN/Inf smuggled into the header
+        ok = False
+    if not ok:
+        raise AdapterFileError(
+            f"{str(path)!r}: the header (spec, target shapes, checksums) does not match its "
+            "sha256: it was edited or damaged after saving. Save the adapter again from the "
+            "training module instead of editing the file."
+        )
 
 
 def load_adapter(
@@ -149,7 +158,6 @@ def load_adapter(
         >>> tm = cbx.load_adapter(model, "adapter.safetensors", example_inputs=(ids,))  # doctest: +SKIP
         >>> tm = cbx.load_adapter(model, "out/checkpoint-100", example_inputs=(ids,))  # doctest: +SKIP
     """
-    from safetensors import safe_open
 
     from .api import transform
 
@@ -161,8 +169,14 @@ def load_adapter(
         raise AdapterFileError(f"{str(path)!r} holds an invalid spec: {e}") from None
     _check_base(model, header, path)
     tm = transform(model, spec, example_inputs, example_kwargs, dynamic_shapes, capture=capture)
+    _check_targets(tm, header["targets"], path)
+    _copy_tensors(tm, header, path)
+    return tm
+
+
+def _check_targets(tm: Any, saved: dict[str, Any], path: Path) -> None:
+    """The file's targets and weight shapes are this training module's."""
     base = getattr(tm, BASE)
-    saved = header["targets"]
     ours = {}
     for name, a in adapters(tm).items():
         ours[name] = {"weight": a.weight_fqn, "weight_shape": weight_shape(
@@ -180,6 +194,13 @@ def load_adapter(
             f"{missing}, only in this model {extra}, weight shapes differing {shapes}. "
             "Load it onto the model it was trained on."
         )
+
+
+def _copy_tensors(tm: Any, header: dict[str, Any], path: Path) -> None:
+    """The file's adapter tensors, masks and trainable tensors into `tm`, each checksummed."""
+    from safetensors import safe_open
+
+    base, saved = getattr(tm, BASE), header["targets"]
     try:
         with safe_open(str(path), framework="pt") as raw, torch.no_grad():
             f = _Verified(raw, header["sha256"], path)
@@ -203,7 +224,6 @@ def load_adapter(
         raise AdapterFileError(
             f"{str(path)!r} is damaged: {type(e).__name__}: {e}. Save it again."
         ) from None
-    return tm
 
 
 def _check_base(model: Any, header: Mapping[str, Any], path: Any) -> None:

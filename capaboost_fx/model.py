@@ -90,7 +90,8 @@ class GraphProgram(_Unpicklable, nn.Module):
         return graph_dynamic_shapes(graph, variant.in_spec, names, kwargs) or {}
 
     def _param_names(self) -> list[str]:
-        twin = self.__dict__.get("_twin")
+        plan = self.__dict__.get("plan")
+        twin = self.__dict__.get("_twin") or (plan.twin if plan is not None else None)
         return list(inspect.signature(twin.forward).parameters) if twin is not None else []
 
     def recompile(self) -> None:
@@ -373,6 +374,18 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
                 f"spec={self.spec}")
 
 
+@dataclass(frozen=True)
+class FoldPlan:
+    """What a graph fold keeps from its training module to capture new calls later: the
+    meta twin, each target (and the module a sequential adapter follows), the targets kept as
+    dense adapters (nonlinear) and the sequential ones."""
+
+    twin: nn.Module
+    targets: dict[str, str | None]
+    dense: frozenset[str] = frozenset()
+    sequential: frozenset[str] = frozenset()
+
+
 class FoldedModel(ModelLike, GraphProgram):
     """The deploy module `fold` returns: the captured eval graph of your model with merged
     weights and nothing else. ``base_model`` is your model's own class and structure holding
@@ -382,9 +395,13 @@ class FoldedModel(ModelLike, GraphProgram):
     (``method="padapter"``) stay as one dense width-d·r adapter each, in ``capaboost_dense``."""
 
     def __init__(self, base_model: nn.Module, constants: dict[str, torch.Tensor],
-                 dense: dict[str, nn.Module] | None = None, eager: bool = False) -> None:
+                 dense: dict[str, nn.Module] | None = None, eager: bool = False,
+                 plan: FoldPlan | None = None,
+                 build: Callable[..., Variant] | None = None) -> None:
         super().__init__()
         self._init_program()
+        object.__setattr__(self, "plan", plan)  # not a submodule: its twin is the meta copy
+        self._build = build
         self.base_model = base_model
         self.capaboost_constants = constants_module(constants)
         self.eager = eager  # runs base_model as it is (the fold of an eager training module)

@@ -25,17 +25,10 @@ from .passes.capture import BASE
 from .passes.fold import adapters
 
 
-def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory `path`.
-
-    Example:
-        >>> cbx.to_peft_lora(train_model, "peft_adapter")                 # doctest: +SKIP
-        >>> PeftModel.from_pretrained(base_model, "peft_adapter")        # doctest: +SKIP
-    """
-    from safetensors.torch import save_file
-
-    tm = require_training(train_model, "to_peft_lora()")
-    base = getattr(tm, BASE)
+def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
+                                     dict[str, float], set[str]]:
+    """PEFT's ``lora_A``/``lora_B`` tensors of every target (A_cat, B_cat: rank d·r), with
+    each target's rank and alpha and the weight layouts seen; refuses what LoRA cannot hold."""
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -64,7 +57,13 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
             "targets mix nn.Linear (out×in) and Conv1D (in×out) weights; a PEFT config has one "
             "fan_in_fan_out flag. Export them in two adapters (two specs)."
         )
-    modules_to_save = []
+    return tensors, ranks, alphas, layouts
+
+
+def _modules_to_save(tm: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """PEFT's ``modules_to_save`` for `Spec.trainable`, their tensors added to `tensors`."""
+    base = getattr(tm, BASE)
+    modules_to_save: list[str] = []
     module_names = {n for n, _ in base.named_modules()}
     for n, p in base.named_parameters():
         if not p.requires_grad:
@@ -77,7 +76,21 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
         if top not in modules_to_save:
             modules_to_save.append(top)
         tensors[f"base_model.model.{n}"] = p.detach().cpu().contiguous()
+    return modules_to_save
 
+
+def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into directory `path`.
+
+    Example:
+        >>> cbx.to_peft_lora(train_model, "peft_adapter")                 # doctest: +SKIP
+        >>> PeftModel.from_pretrained(base_model, "peft_adapter")        # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    tm = require_training(train_model, "to_peft_lora()")
+    tensors, ranks, alphas, layouts = _lora_tensors(tm)
+    modules_to_save = _modules_to_save(tm, tensors)
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     try:

@@ -41,29 +41,9 @@ def _shards(path: Path) -> list[Path]:
     return files
 
 
-def load_base_weights(train_model: CapaBoostModel, path: str | Path,
-                      device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None, strict: bool = True,
-                      prefix: str = "") -> dict[str, Any]:
-    """Stream the base model's weights from safetensors into `train_model`, shard by shard.
-
-    Keys are your model's ``state_dict`` keys (``prefix`` is stripped first). Each loaded
-    tensor goes to `device` (default: CPU) in `dtype` (default: the dtype the model was built
-    with) and is assigned to every alias of that parameter (tied weights follow). The
-    adapters move to `device` too and stay in float32 for a half-precision base.
-    ``strict``: refuse keys that name nothing, and any parameter still on the meta device.
-    Returns ``{"loaded": n, "unexpected": [...], "seconds": s}``."""
-    from safetensors import safe_open
-
-    if not isinstance(train_model, CapaBoostModel):
-        raise NotTransformedError(
-            f"load_base_weights needs the module capaboost_fx.transform returned, got "
-            f"{type(train_model).__name__}."
-        )
-    import time
-
-    t0 = time.perf_counter()
-    base: nn.Module = train_model.base_model
+def _slots(base: nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, list[tuple[dict, str]]]]:
+    """Every parameter and buffer by name, and for each tensor the dict slots that hold it
+    (tied weights: several)."""
     where: dict[int, list[tuple[dict, str]]] = {}
     named: dict[str, torch.Tensor] = {}
     for m_name, m in base.named_modules(remove_duplicate=False):
@@ -71,13 +51,21 @@ def load_base_weights(train_model: CapaBoostModel, path: str | Path,
             for k, v in d.items():
                 if v is None:
                     continue
-                fqn = f"{m_name}.{k}" if m_name else k
-                named[fqn] = v
+                named[f"{m_name}.{k}" if m_name else k] = v
                 where.setdefault(id(v), []).append((d, k))
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    return named, where
+
+
+def _stream(base: nn.Module, path: Path, target: torch.device, dtype: torch.dtype | None,
+            prefix: str) -> tuple[int, list[str]]:
+    """Assign each checkpoint tensor to every slot of the tensor it names; (loaded count,
+    keys that name nothing)."""
+    from safetensors import safe_open
+
+    named, where = _slots(base)
     loaded, unexpected = 0, []
     done: set[int] = set()
-    for shard in _shards(Path(path)):
+    for shard in _shards(path):
         with safe_open(str(shard), framework="pt", device=str(target)) as f:
             for key in f.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
@@ -98,6 +86,32 @@ def load_base_weights(train_model: CapaBoostModel, path: str | Path,
                     d[k] = new
                 done.add(id(old))
                 loaded += 1
+    return loaded, unexpected
+
+
+def load_base_weights(train_model: CapaBoostModel, path: str | Path,
+                      device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None, strict: bool = True,
+                      prefix: str = "") -> dict[str, Any]:
+    """Stream the base model's weights from safetensors into `train_model`, shard by shard.
+
+    Keys are your model's ``state_dict`` keys (``prefix`` is stripped first). Each loaded
+    tensor goes to `device` (default: CPU) in `dtype` (default: the dtype the model was built
+    with) and is assigned to every alias of that parameter (tied weights follow). The
+    adapters move to `device` too and stay in float32 for a half-precision base.
+    ``strict``: refuse keys that name nothing, and any parameter still on the meta device.
+    Returns ``{"loaded": n, "unexpected": [...], "seconds": s}``."""
+    if not isinstance(train_model, CapaBoostModel):
+        raise NotTransformedError(
+            f"load_base_weights needs the module capaboost_fx.transform returned, got "
+            f"{type(train_model).__name__}."
+        )
+    import time
+
+    t0 = time.perf_counter()
+    base: nn.Module = train_model.base_model
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    loaded, unexpected = _stream(base, Path(path), target, dtype, prefix)
     for a in train_model.adapters().values():
         a.to(target)
     train_model.capaboost_constants.to(target)

@@ -80,6 +80,8 @@ def run(config: DemoConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _run(config: DemoConfig, threads: int) -> dict[str, Any]:
+    # ~70 lines on purpose: the main job's stages in the order they run (load, train the arms,
+    # compare, fold, export, serve, write), each one call, read top to bottom.
     t_start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +297,8 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
            pt_logits: torch.Tensor, data: SST2Data, example: Mapping[str, torch.Tensor],
            threads: int) -> None:
     """Serve the folded file with onnxruntime and check it predicts what PyTorch predicts; then
-    compare base and folded (graph, size, latency side by side on the same real input)."""
+    compare base and folded (graph, size, latency side by side on the same real input).
+    Nine parameters: what the earlier stages of `_run` produced, passed on as they are."""
     from capaboost_fx.onnx.runtime import open_session
     from capaboost_fx.onnx.stats import compare_onnx
 

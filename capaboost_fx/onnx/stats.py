@@ -327,7 +327,8 @@ class CompareReport:
         return "\n".join(line for line in lines if line) + "\n"
 
     def to_markdown(self, base_label: str = "base", other_label: str = "other") -> str:
-        """A Markdown summary table, then the operator table and shape differences."""
+        """A Markdown summary table, then the operator table and shape differences (one row
+        per line, in the table's order: long, and flat on purpose)."""
         b, o = self.base, self.other
 
         def row(what: str, x: Any, y: Any, diff: Any = "") -> str:

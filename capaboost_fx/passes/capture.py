@@ -320,8 +320,23 @@ def export_graph(
         twin.train(was_training)
         _restore_attrs(twin, attrs)
     seconds = time.perf_counter() - t0
+    graph = gm.graph
+    constants = _retarget(gm, {n for n, _, _ in _tensors(twin)}, f"{tag}{mode_name}_",
+                          mode_name)
+    _device_follows_inputs(graph, devices)
+    graph.owning_module = None  # the graph now runs against the training module's state
+    graph.lint()
+    ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
+    mutated = _written_state(graph)
+    return Captured(mode_name, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
+                    list(dict.fromkeys(hf + recorder.found)), seconds, bound)
 
-    state_names = {n for n, _, _ in _tensors(twin)}
+
+def _retarget(gm: torch.fx.GraphModule, state_names: set[str], prefix: str,
+              mode_name: str) -> dict[str, torch.Tensor]:
+    """Point the exported graph's state reads at ``base_model.<fqn>``, its lifted constants
+    at the constants module (returned, keyed with `prefix`), and its input guards at
+    `InputGuard`."""
     graph = gm.graph
     constants: dict[str, torch.Tensor] = {}
     for node in list(graph.nodes):
@@ -335,7 +350,7 @@ def export_graph(
                     f"captured graph holds a constant {node.target!r} that capaboost_fx cannot "
                     f"share ({type(value).__name__}{' on the meta device' if isinstance(value, torch.Tensor) else ''})."
                 )
-            key = re.sub(r"\W", "_", f"{tag}{mode_name}_{node.target}")
+            key = re.sub(r"\W", "_", f"{prefix}{node.target}")
             constants[key] = value.detach()
             node.target = f"{CONSTANTS}.{key}"
         elif node.op == "call_module" and node.target == "_guards_fn":
@@ -343,13 +358,7 @@ def export_graph(
             node.op, node.target = "call_function", guard
         elif node.op == "call_module":
             raise CaptureError(f"unexpected submodule call {node.target!r} in the captured graph")
-    _device_follows_inputs(graph, devices)
-    graph.owning_module = None  # the graph now runs against the training module's state
-    graph.lint()
-    ranges = {str(k): str(v) for k, v in ep.range_constraints.items()}
-    mutated = _written_state(graph)
-    return Captured(mode_name, graph, gm._in_spec, gm._out_spec, constants, ranges, mutated,
-                    list(dict.fromkeys(hf + recorder.found)), seconds, bound)
+    return constants
 
 
 # nn.Module's hook dicts (forward, backward, state-dict hooks): restored by content

@@ -19,7 +19,7 @@ from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..merge import base_weight, foldable, is_quantized, structure_copy
-from ..model import CapaBoostModel, FoldedModel, require_training
+from ..model import CapaBoostModel, FoldedModel, FoldPlan, require_training
 from ..variant import Variant, autocast_region
 from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
 from .match import sites_for
@@ -103,10 +103,11 @@ def _build_folded(fm: FoldedModel, mode: str, args: tuple, kwargs: dict,
     """A new argument structure for the deploy module: capture its eval graph on the meta
     twin; nonlinear adapters stay as dense ones, linear ones are already in the weights."""
     key = len(fm._variants)
-    captured = capture_graph(fm._twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
-    targets, _ = sites_for(captured.graph, "eval", fm._twin, fm._targets)
-    rewrite(captured.graph, targets, "eval", fm._sequential)
-    unrewrite(captured.graph, keep=fm._dense_targets)
+    plan = fm.plan
+    captured = capture_graph(plan.twin, "eval", args, kwargs, None, tag=f"f{key}_", warn=False)
+    targets, _ = sites_for(captured.graph, "eval", plan.twin, plan.targets)
+    rewrite(captured.graph, targets, "eval", plan.sequential)
+    unrewrite(captured.graph, keep=plan.dense)
     for k, v in captured.constants.items():
         fm.capaboost_constants.register_buffer(k, v, persistent=False)
     return Variant(key, captured.in_spec, captured.out_spec, graphs={"eval": captured.graph},
@@ -158,15 +159,11 @@ def fold(train_model: CapaBoostModel, example_inputs: Any = (),
                                 example=v.example, bound=v.bound, autocast=v.autocast,
                                 fixed=v.fixed))
     constants = _constants_of([v.graphs["eval"] for v in variants], tm)
-    fm = FoldedModel(_fold_shell(tm, merged), constants, dense)
-    object.__setattr__(fm, "_twin", tm._twin)
+    plan = FoldPlan(tm._twin, {n: a.output_of for n, a in adapters(tm).items()}, nonlinear,
+                    frozenset(n for n, a in adapters(tm).items() if a.sequential))
+    fm = FoldedModel(_fold_shell(tm, merged), constants, dense, plan=plan, build=_build_folded)
     for v in variants:
         fm._add_variant(v)
-    object.__setattr__(fm, "_targets", {n: a.output_of for n, a in adapters(tm).items()})
-    object.__setattr__(fm, "_dense_targets", nonlinear)
-    object.__setattr__(fm, "_sequential",
-                       frozenset(n for n, a in adapters(tm).items() if a.sequential))
-    fm._build = _build_folded
     return fm
 
 
