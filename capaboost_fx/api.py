@@ -31,7 +31,6 @@ from .passes.capture import (
     UncapturableError,
     as_args,
     capture_graph,
-    copy_graph,
     meta_twin,
     replace_tensor,
     shared_shell,
@@ -51,7 +50,7 @@ from .passes.match import (
 from .passes.rewrite import rewrite
 from .passes.split import split_blocks
 from .spec import Spec, pattern_matches
-from .variant import Variant
+from .variant import Variant, copy_graph
 
 
 def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:

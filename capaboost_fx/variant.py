@@ -210,3 +210,12 @@ def dynamic_shapes_of(vals: list[Any], in_spec: Any, param_names: list[str],
     # tensor-free keywords (use_cache=False) are inputs of the call, static ones
     out.update({k: None for k in kwargs if k not in out})
     return out
+
+
+def copy_graph(graph: fx.Graph, *specs: Any) -> fx.Graph:
+    """A deep copy of a captured graph; pytree specs are immutable and shared (copying one
+    also warns in torch 2.13)."""
+    memo = {id(s): s for s in specs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph, memo)

@@ -112,15 +112,6 @@ def restore_cache_flags(module: nn.Module) -> nn.Module:
     return module
 
 
-def copy_graph(graph: fx.Graph, *specs: Any) -> fx.Graph:
-    """A deep copy of a captured graph; pytree specs are immutable and shared (copying one
-    also warns in torch 2.13)."""
-    memo = {id(s): s for s in specs}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(graph, memo)
-
-
 def _capture_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.is_meta else t.device
 

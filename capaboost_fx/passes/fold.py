@@ -20,8 +20,8 @@ from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
 from ..merge import base_weight, foldable, is_quantized, structure_copy
 from ..model import CapaBoostModel, FoldedModel, FoldPlan, require_training
-from ..variant import Variant, autocast_region
-from .capture import BASE, CONSTANTS, capture_graph, copy_graph, restore_cache_flags, to_meta
+from ..variant import Variant, autocast_region, copy_graph
+from .capture import BASE, CONSTANTS, capture_graph, restore_cache_flags, to_meta
 from .match import sites_for
 from .rewrite import adapter_key, rewrite, unrewrite
 
