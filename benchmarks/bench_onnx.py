@@ -7,9 +7,7 @@ alternately, round
 after round, at batch 1 and batch 8. Reported: latency ratio folded/base, node counts and op
 histograms, file sizes, and that each file reproduces its PyTorch model.
 
-The exporter is `capaboost_fx.export_onnx` when that helper exists and works on both models;
-otherwise `torch.onnx.export(..., dynamo=True, dynamic_shapes=...)` directly (the JSON says
-which, and why).
+The exporter is `capaboost_fx.onnx.export_onnx` (verified, fused for onnxruntime).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import traceback
 from typing import Any
 
 import numpy as np
@@ -37,30 +34,9 @@ from common import (
 )
 
 import capaboost_fx as cbx
-from capaboost_fx.onnx import Session, measure_latency, onnx_stats, open_session
+from capaboost_fx.onnx import Session, export_onnx, measure_latency, onnx_stats, open_session
 
 BATCHES = (1, 8)
-
-
-def _library_exporter() -> Any:
-    try:
-        from capaboost_fx.onnx import export_onnx
-    except Exception:
-        export_onnx = getattr(cbx, "export_onnx", None)
-    return export_onnx
-
-
-def _dynamic_shapes() -> dict[str, Any]:
-    from torch.export import Dim
-
-    b, s = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
-    return {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
-
-
-def _direct_export(module: torch.nn.Module, path: str, kwargs: dict[str, torch.Tensor]) -> None:
-    with quiet():
-        torch.onnx.export(module, (), path, kwargs=kwargs, dynamo=True,
-                          dynamic_shapes=_dynamic_shapes(), external_data=False)
 
 
 def _session(path: str) -> Session:
@@ -85,37 +61,21 @@ def _graph_stats(path: str) -> dict[str, Any]:
 
 def export_both(base: torch.nn.Module, folded: torch.nn.Module, example: dict[str, torch.Tensor],
                 check: dict[int, dict[str, torch.Tensor]], workdir: str) -> dict[str, Any]:
-    """Export both models; prefer the library's exporter, fall back to torch.onnx.export."""
+    """Export both models with `capaboost_fx.onnx.export_onnx` (verified, fused) and check each
+    file takes batch 1 and batch 8; an export that fails raises."""
     paths = {"base": os.path.join(workdir, "base.onnx"),
              "folded": os.path.join(workdir, "folded.onnx")}
-    mods = {"base": base, "folded": folded}
     seconds: dict[str, float] = {}
-    exporter, why = "torch.onnx.export(dynamo=True, dynamic_shapes=batch/seq)", ""
-    lib = _library_exporter()
-    if lib is None:
-        why = "capaboost_fx.onnx.export_onnx is not available in this checkout"
-    else:
-        try:
-            for name, mod in mods.items():
-                t0 = time.perf_counter()
-                with quiet():
-                    lib(mod, paths[name], example_kwargs=example, verify=True)
-                seconds[name] = time.perf_counter() - t0
-                sess = _session(paths[name])
-                for b in check.values():  # must take batch 1 and batch 8
-                    sess.run(_feeds(sess, b))
-            exporter = "capaboost_fx.onnx.export_onnx(verify=True) (optimize='ort': fused)"
-        except Exception as e:
-            why = ("capaboost_fx.onnx.export_onnx failed or gave a file without dynamic "
-                   f"batch: {type(e).__name__}: {str(e)[:300]}")
-            traceback.print_exc(limit=2)
-    if why:
-        for name, mod in mods.items():
-            t0 = time.perf_counter()
-            _direct_export(mod, paths[name], example)
-            seconds[name] = time.perf_counter() - t0
-    return {"exporter": exporter, "fallback_reason": why or None, "paths": paths,
-            "export_seconds": seconds}
+    for name, mod in {"base": base, "folded": folded}.items():
+        t0 = time.perf_counter()
+        with quiet():
+            export_onnx(mod, paths[name], example_kwargs=example, verify=True)
+        seconds[name] = time.perf_counter() - t0
+        sess = _session(paths[name])
+        for b in check.values():
+            sess.run(_feeds(sess, b))
+    return {"exporter": "capaboost_fx.onnx.export_onnx(verify=True) (optimize='ort': fused)",
+            "paths": paths, "export_seconds": seconds}
 
 
 def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
@@ -178,7 +138,7 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
     same_ops = stats["base"]["op_histogram"] == stats["folded"]["op_histogram"]
     return {
         "model": size.describe(), "folded_from": source,
-        "exporter": exp["exporter"], "fallback_reason": exp["fallback_reason"],
+        "exporter": exp["exporter"],
         "export_seconds": exp["export_seconds"],
         "graph": stats,
         "identical_node_counts": stats["base"]["nodes"] == stats["folded"]["nodes"],
@@ -202,8 +162,7 @@ def report(res: dict[str, Any]) -> str:
     lrows = [[k, f"{v['ms']['base']['median']:.2f}", f"{v['ms']['folded']['median']:.2f}",
               *ratio_row("", v["ratio"])[1:]] for k, v in lat.items()]
     return "\n".join([
-        f"### ONNX inference (exporter: {res['exporter']})"
-        + (f"\nfallback: {res['fallback_reason']}" if res["fallback_reason"] else ""),
+        f"### ONNX inference (exporter: {res['exporter']})",
         table(["model", "nodes", "initializers", "initializer data", "file", "export s"], rows),
         f"identical node counts: {res['identical_node_counts']}, identical op histograms: "
         f"{res['identical_op_histograms']}, compare_onnx(...).same_graph: "

@@ -24,6 +24,7 @@ from .errors import (
     TargetNotFoundError,
     close_names,
 )
+from .merge import cache_users
 from .model import CapaBoostModel, CaptureInfo, GraphProgram
 from .passes.blocks import auto_blocks, install_blocks, modules_matching, plan_blocks
 from .passes.capture import (
@@ -198,14 +199,9 @@ def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
                           example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
                           bound=captured.bound, fixed=captured.fixed)
     _add_graph(tm, variant, captured)
-    info = tm.capture_info
-    if info.transform_seconds is None:  # transform has not returned: part of its cost
-        info.export_seconds = round(info.export_seconds + captured.seconds, 3)
-    else:
-        info.later_captures.append(
-            {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
-             "seconds": round(time.perf_counter() - t0, 3),
-             "fixed_sizes": variant.fixed_names()})
+    tm.capture_info.later_captures.append(
+        {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
+         "seconds": round(time.perf_counter() - t0, 3), "fixed_sizes": variant.fixed_names()})
     return variant
 
 
@@ -352,7 +348,7 @@ def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, che
     names = auto_blocks(shell)
     info = CaptureInfo("eager", list(selection.targets),
                        {n: r.message for n, r in selection.skipped.items()}, trainable, names,
-                       eager_reason=reason)
+                       eager_reason=reason, cache_users=cache_users(model))
     shell.train(model.training)
     tm = CapaBoostModel(shell, {}, spec, info, None, eager=True)
     if checkpoint:
@@ -388,7 +384,8 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
                        {n: r.message for n, r in selection.skipped.items()}, trainable, split,
                        explicit_blocks=sorted(explicit), checkpointed=sorted(ck),
                        export_seconds=round(captured.seconds, 3),
-                       dynamic_ranges=dict(captured.range_constraints))
+                       dynamic_ranges=dict(captured.range_constraints),
+                       cache_users=cache_users(model))
     shell.train(model.training)
     tm = CapaBoostModel(shell, {}, spec, info, twin, build=_build_variant)
     variant = Variant(0, captured.in_spec, captured.out_spec,
@@ -398,6 +395,10 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
     tm._add_variant(variant)
     if "eval" in modes:
         tm.variant_for(args, kwargs, "eval")
+        during = info.later_captures  # made inside transform: part of its cost
+        info.export_seconds = round(
+            info.export_seconds + sum(c["export_seconds"] for c in during), 3)
+        info.later_captures = []
     for name, block in tm.blocks().items():
         block.checkpoint = name in ck
     lost = sorted(b for b in ck if b in info.refused_blocks)

@@ -203,6 +203,22 @@ def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
+def cache_users(model: nn.Module) -> list[str]:
+    """The modules whose ``config.use_cache`` is on: what training switches off (decoder
+    models return a KV-cache object then, which training needs none of) and generation and
+    the fold switch on again (`restore_cache`). T5's decoder stack keeps its own config."""
+    return [n for n, m in model.named_modules()
+            if getattr(getattr(m, "config", None), "use_cache", False)]
+
+
+def restore_cache(module: nn.Module, users: list[str]) -> nn.Module:
+    """Switch ``use_cache`` on again in a copy users keep (the deploy module's eager
+    structure, the generation view): `users` is `cache_users` of the caller's model."""
+    for name in users:
+        module.get_submodule(name).config.use_cache = True
+    return module
+
+
 def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, torch.Tensor],
                    snapshot: set[int] = frozenset(),
                    requantize: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:

@@ -277,9 +277,12 @@ class CaptureInfo:
     refused_blocks: dict[str, str] = field(default_factory=dict)  # planned blocks the split refused
     eager_reason: str | None = None  # why the eager path was taken
     export_seconds: float = 0.0  # all torch.export calls inside transform
-    transform_seconds: float | None = None  # set when transform returns
+    transform_seconds: float = 0.0  # transform's wall time, captures included
     sites: dict[str, int] = field(default_factory=dict)  # rewritten linear ops per mode
     dynamic_ranges: dict[str, str] = field(default_factory=dict)  # captured symbolic ranges
+    # Modules whose config.use_cache training switches off; generation and the fold's
+    # structure switch it on again (`passes.capture.cache_users`).
+    cache_users: list[str] = field(default_factory=list)
     # Captures after transform (a new argument structure, mode or model-fixed size), each with
     # its time: {"mode", "variant", "export_seconds", "seconds", "fixed_sizes"}.
     later_captures: list[dict[str, Any]] = field(default_factory=list)

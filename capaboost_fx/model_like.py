@@ -35,7 +35,7 @@ from torch import nn
 from .adapter import CapaBoostAdapter
 from .adapter_file import ADAPTER_FILE, write_adapter
 from .errors import CapaBoostError
-from .merge import is_quantized, merged_weights, structure_copy
+from .merge import is_quantized, merged_weights, restore_cache, structure_copy
 
 
 class ModelLike:
@@ -149,10 +149,10 @@ class AdapterModelLike(ModelLike, nn.Module):
             # Quantized targets stay quantized: the hooked eager model runs as it is.
             view = base
         else:
-            view = structure_copy(self.structure_source(), base,
-                                  merged_weights(base, on))
-            for config in view.__dict__.pop("_capaboost_cache_off", []):
-                config.use_cache = True  # generation uses the KV cache, as your model does
+            # Generation uses the KV cache, as your model does.
+            view = restore_cache(structure_copy(self.structure_source(), base,
+                                                merged_weights(base, on)),
+                                 self.capture_info.cache_users)
         view.train(self.training)
         self.__dict__["_generation"] = (key, view)
         return view

@@ -282,6 +282,9 @@ def test_deploy_base_model_is_the_users_class_and_generates() -> None:
     deploy = cbx.fold(tm)
     assert type(deploy.base_model) is type(model)
     assert deploy.base_model.config.use_cache and model.config.use_cache  # not left off
+    assert "" in tm.capture_info.cache_users  # the model's own config, switched off to train
+    assert tm.base_model.config.use_cache is False
+    assert tm.generation_model().config.use_cache is True  # generation uses the KV cache
     with torch.no_grad():
         out = deploy.base_model.generate(ids, attention_mask=torch.ones_like(ids),
                                          max_new_tokens=3, do_sample=False)

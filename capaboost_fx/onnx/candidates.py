@@ -9,7 +9,6 @@ graph leaves dynamic is dynamic), then ``torch.onnx.export`` translates that pro
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import axis_names, eval_mode
 from capaboost_fx.onnx.translations import translation_table
 from capaboost_fx.onnx.verify import verify_onnx
-from capaboost_fx.variant import dynamic_shapes_of
 
 __all__ = ["Candidate", "check_candidate", "choose", "dynamo_candidates", "use_external_data"]
 
@@ -46,24 +44,36 @@ def quiet() -> Iterator[None]:
             yield
 
 
-def _traced_dims(call: ExampleCall, what: str, torchscript: bool) -> Any:
-    """For an eager module with auto dims: trace it with ``torch.export`` and keep dynamic
-    only the dims its graph leaves symbolic (the rule captured modules follow). The ONNX
-    exporter given ``Dim.AUTO`` directly keeps dims the weights fix symbolic (a Linear's
-    features): measured on torch 2.13."""
+def _traced(call: ExampleCall, what: str, torchscript: bool) -> tuple[Any, Any]:
+    """What ``torch.onnx.export`` translates, and the dims it is given. An eager module with
+    auto dims is traced once here by ``torch.export`` (``Dim.AUTO``: what its graph leaves
+    symbolic stays dynamic, the rule captured modules follow) and that program is translated;
+    the ONNX exporter given ``Dim.AUTO`` itself keeps dims the weights fix symbolic (a Linear's
+    features): measured on torch 2.13. Anything else is translated with its own dims."""
     if not call.shape_note.startswith("auto"):
-        return call.dynamic_shapes
+        return call.module, call.dynamic_shapes
     try:
-        exported = torch.export.export(call.module, call.args, call.kwargs,
-                                       dynamic_shapes=call.dynamic_shapes, strict=False)
+        program = torch.export.export(call.module, call.args, call.kwargs,
+                                      dynamic_shapes=call.dynamic_shapes, strict=False)
     except Exception as e:
         raise export_failure(e, what, torchscript=torchscript, tracing=True) from e
-    user = set(exported.graph_signature.user_inputs)
-    vals = [n.meta.get("val") for n in exported.graph.find_nodes(op="placeholder")
-            if n.name in user]
-    names = list(inspect.signature(call.module.forward).parameters)
-    dims = dynamic_shapes_of(vals, exported.call_spec.in_spec, names, call.kwargs)
-    return call.dynamic_shapes if dims is None else dims
+    return program, None
+
+
+def _static_numeric_dims(graph: Any) -> None:
+    """A dim ``Dim.AUTO`` left to torch.export that the model fixed (a Linear's features)
+    reaches the ONNX graph as the symbol ``'8'``: write it as the number it is."""
+    import onnx_ir as ir
+
+    values = [*graph.inputs, *graph.outputs,
+              *(v for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs)]
+    for v in values:
+        if v.shape is None:
+            continue
+        dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and str(d.value).isdigit() else d
+                for d in v.shape]
+        if dims != list(v.shape):
+            v.shape = ir.Shape(dims)
 
 
 def _program(call: ExampleCall, opts: ExportOptions, what: str) -> Any:
@@ -73,16 +83,17 @@ def _program(call: ExampleCall, opts: ExportOptions, what: str) -> Any:
     oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
     with eval_mode(call.module), quiet():
         with oblivious:
-            dims = _traced_dims(call, what, torchscript)
+            source, dims = _traced(call, what, torchscript)
         try:
             program = torch.onnx.export(
-                call.module, call.args, kwargs=call.kwargs, dynamo=True, verbose=False,
+                source, call.args, kwargs=call.kwargs, dynamo=True, verbose=False,
                 dynamic_shapes=dims, opset_version=opts.opset, output_names=call.output_names,
                 input_names=list(opts.input_names) if opts.input_names is not None else None,
                 optimize=True, custom_translation_table=translation_table(),
             )
         except Exception as e:
             raise export_failure(e, what, torchscript=torchscript) from e
+    _static_numeric_dims(program.model.graph)
     shapes = [(v.name, [d.value if hasattr(d, "value") else d for d in (v.shape or [])])
               for v in program.model.graph.inputs]
     mapping = axis_names([(n, [d for d in s if isinstance(d, (str, int))]) for n, s in shapes])

@@ -92,23 +92,11 @@ def _deepcopy(model: nn.Module, memo: dict[int, Any], what: str) -> nn.Module:
 
 
 def _no_cache(module: nn.Module) -> nn.Module:
-    """Decoder models return a KV-cache object when use_cache is on; training needs none.
-    Every submodule's config is switched off (T5's decoder stack keeps its own config)."""
-    switched = []
+    """Switch off every ``config.use_cache`` (`merge.cache_users` says why)."""
     for m in module.modules():
         config = getattr(m, "config", None)
         if config is not None and getattr(config, "use_cache", False):
             config.use_cache = False
-            switched.append(config)
-    object.__setattr__(module, "_capaboost_cache_off", switched)
-    return module
-
-
-def restore_cache_flags(module: nn.Module) -> nn.Module:
-    """Undo `_no_cache` on a copy that users keep (the deploy module's eager structure: its
-    config is saved with save_pretrained and used for generation)."""
-    for config in module.__dict__.pop("_capaboost_cache_off", []):
-        config.use_cache = True
     return module
 
 
@@ -129,9 +117,14 @@ def meta_twin(model: nn.Module) -> nn.Module:
             fake = torch.empty(t.shape, dtype=t.dtype, device=_capture_device(t))
             memo[id(t)] = (nn.Parameter(fake, requires_grad=t.is_floating_point())
                            if is_param else fake)
-    twin = _no_cache(_deepcopy(model, memo, "meta twin"))
-    object.__setattr__(twin, "_capaboost_fake_mode", mode)
-    return twin
+    return _no_cache(_deepcopy(model, memo, "meta twin"))
+
+
+def fake_mode_of(twin: nn.Module) -> FakeTensorMode:
+    """The fake mode `meta_twin` built the twin's tensors in (every fake tensor carries its
+    own); a model without parameters or buffers gets a new one."""
+    fake = next((t for _, t, _ in _tensors(twin) if isinstance(t, FakeTensor)), None)
+    return fake.fake_mode if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def shared_shell(model: nn.Module) -> nn.Module:
@@ -288,7 +281,7 @@ def export_graph(
     was_training = twin.training
     twin.train(mode == "train")
     recorder = CheckpointRecorder(twin)
-    mode = twin._capaboost_fake_mode
+    mode = fake_mode_of(twin)
     devices = {t.device for _, t, _ in _tensors(twin)} or {torch.device("cpu")}
     device = next(iter(devices))
     hf = hf_checkpointed(twin) if mode_name == "train" else []

@@ -18,10 +18,10 @@ from torch import nn
 from .. import merge
 from ..adapter import CapaBoostAdapter, DenseAdapter
 from ..errors import FoldError
-from ..merge import base_weight, foldable, is_quantized, structure_copy
+from ..merge import base_weight, foldable, is_quantized, restore_cache, structure_copy
 from ..model import CapaBoostModel, FoldedModel, FoldPlan, require_training
 from ..variant import Variant, autocast_region, copy_graph
-from .capture import BASE, CONSTANTS, capture_graph, restore_cache_flags, to_meta
+from .capture import BASE, CONSTANTS, capture_graph, to_meta
 from .match import sites_for
 from .rewrite import adapter_key, rewrite, unrewrite
 
@@ -62,8 +62,8 @@ def _fold_shell(tm: CapaBoostModel, merged: dict[str, torch.Tensor],
     own = {id(t) for t in tm.parameters() if t.requires_grad}
     own |= {id(b) for n, b in base.named_buffers(remove_duplicate=False)
             if n in tm.private_buffers}
-    return restore_cache_flags(structure_copy(tm.structure_source(), base, merged, own,
-                                              requantize))
+    return restore_cache(structure_copy(tm.structure_source(), base, merged, own, requantize),
+                         tm.capture_info.cache_users)
 
 
 def merged_state_dict(train_model: CapaBoostModel) -> dict[str, torch.Tensor]:
