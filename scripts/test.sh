@@ -8,5 +8,7 @@ bash scripts/setup.sh
 # The docs site, warnings as errors (broken links, docstrings that do not fit signatures).
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/capaboost-site"
 # Two pytest-xdist workers (the CI machine has two cores; TEST_WORKERS overrides, 0 = none),
-# whole files per worker so that module-scoped fixtures are built once.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# whole files per worker so that module-scoped fixtures are built once, handed out longest
+# first (the order tests/conftest.py gives; xdist's own reorder is switched off).
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadfile \
+  --no-loadscope-reorder "$@"

@@ -13,11 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ("step", "memory", "fold", "onnx")
 

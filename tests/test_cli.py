@@ -131,6 +131,6 @@ def test_setup_script_skips_pip_when_nothing_changed(tmp_path) -> None:
 def test_pyproject_license_is_an_spdx_string() -> None:
     from pathlib import Path
 
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (3.10 is supported)
     data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert data["project"]["license"] == "MIT"  # the table form prints a deprecation banner

@@ -18,7 +18,6 @@ import capaboost_fx as cbx
 from capaboost_fx.onnx import LatencyStats, compare_onnx, onnx_stats
 from capaboost_fx.onnx.timing import compare_latency, conditions, describe_conditions
 
-pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
 
@@ -166,7 +165,6 @@ def _python_blocks(path: Path) -> list[str]:
 
 def test_readme_deploy_snippet_prints_same_graph(tmp_path, monkeypatch):
     """README's quickstart, then docs/deploy.md's first snippet, executed as written."""
-    pytest.importorskip("transformers")
     quickstart = _python_blocks(ROOT / "README.md")[0]
     deploy = _python_blocks(ROOT / "docs" / "deploy.md")[0]
     assert "compare_onnx(\"base.onnx\", \"model.onnx\")" in deploy

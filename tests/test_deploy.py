@@ -12,7 +12,6 @@ from torch import nn
 
 import capaboost_fx as cbx
 
-pytest.importorskip("onnxruntime")
 FAMILIES = [c for c in CASES if c.name in ("bert", "gpt2", "llama", "vit")]
 
 

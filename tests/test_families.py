@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import capaboost_fx as cbx
-
-transformers = pytest.importorskip("transformers")
 
 
 def _distilbert():

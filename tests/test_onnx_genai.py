@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import capaboost_fx as cbx
-
-og = pytest.importorskip("onnxruntime_genai")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
+import transformers
 from models import reference_delta  # noqa: E402
 
+import capaboost_fx as cbx
 from capaboost_fx.onnx.genai import export_genai  # noqa: E402
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from capaboost_fx.errors import VerificationError
@@ -22,9 +23,6 @@ from capaboost_fx.onnx import (
     onnx_stats,
     open_session,
 )
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("onnxscript")
 
 VOCAB = 100
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 from models import CASES, first_tensor
 
 import capaboost_fx as cbx
-
-peft = pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("name,spec", [

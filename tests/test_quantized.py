@@ -11,8 +11,6 @@ from torch import nn
 
 import capaboost_fx as cbx
 
-torchao = pytest.importorskip("torchao")  # a [dev] dependency ([quant] extra)
-
 
 def nf4(w: torch.Tensor) -> torch.Tensor:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4

@@ -99,7 +99,6 @@ def test_op_without_bias_keeps_a_dense_adapter_and_trains() -> None:
 
 
 def test_official_init_and_onnx_export(tmp_path) -> None:
-    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(4, 12)

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import capaboost_fx as cbx
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -105,7 +104,7 @@ def test_hf_gradient_checkpointing_is_kept_per_block_with_same_loss_and_grads() 
 
 
 def test_checkpointed_activation_memory_close_to_peft() -> None:
-    peft = pytest.importorskip("peft")
+    import peft
     ids = torch.randint(0, 96, (4, 32))
     model = tiny_llama(4)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,7 +177,7 @@ def test_user_torch_utils_checkpoint_and_checkpoint_by_pattern() -> None:
 
 
 def test_meta_model_loads_weights_from_shards_bf16_base_fp32_adapters(tmp_path) -> None:
-    accelerate = pytest.importorskip("accelerate")
+    import accelerate
     real = tiny_llama(2, torch.bfloat16)
     real.save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1  # really sharded

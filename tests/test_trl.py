@@ -6,14 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+import trl
 from safetensors import safe_open
 
 import capaboost_fx as cbx
 
-trl = pytest.importorskip("trl")  # a [dev] dependency: CI installs it (scripts/setup.sh)
-datasets = pytest.importorskip("datasets")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from tiny_lm import char_tokenizer, tiny_llama  # noqa: E402

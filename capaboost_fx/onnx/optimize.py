@@ -77,7 +77,55 @@ def fuse_for_ort(model: Any) -> tuple[Any, dict[str, int]]:
         ) from e
     with quiet_loggers("onnxscript", "onnx_ir"):
         fused, counts = optimize_for_ort(model)
+    _gemm_on_rank2(fused.graph)
     return fused, {k: int(v) for k, v in counts.items() if v}
+
+
+def _gemm_on_rank2(graph: Any) -> int:
+    """Turn a ``Gemm`` whose first input is not a matrix back into ``MatMul`` + ``Add``.
+
+    A linear layer written as ``addmm`` on a flattened view (GPT-2's ``Conv1D``) exports as
+    Reshape(2-D) -> Gemm -> Reshape; the attention fusion replaces the attention block
+    including that first Reshape, so the Gemm receives the 3-D attention output, which
+    onnxruntime refuses to load ("Gemm: Input 0 expected to have rank 2"). The fused node's
+    output keeps the 2-D shape recorded before fusion, so the test is: a Gemm fed by a fused
+    (non-ONNX-domain) operator, or by a value recorded with another rank. MatMul broadcasts
+    over leading dims and the Reshape after it restores the layout, so the result is the same
+    (`export_onnx` verifies it against PyTorch)."""
+    import onnx_ir as ir
+
+    fixed = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        if a is None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or attrs.get("beta", 1.0) != 1.0:
+            continue
+        producer = a.producer()
+        fused_input = producer is not None and producer.domain not in ("", "ai.onnx")
+        if not fused_input and (a.shape is None or len(a.shape) == 2):
+            continue
+        if fused_input:
+            a.shape = None  # the stale 2-D record: onnxruntime infers the fused op's shape
+        new = []
+        if attrs.get("transB", 0):
+            new.append(ir.node("Transpose", [b], attributes={"perm": [1, 0]}))
+            b = new[-1].outputs[0]
+        new.append(ir.node("MatMul", [a, b]))
+        out = new[-1].outputs[0]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            new.append(ir.node("Add", [out, node.inputs[2]]))
+            out = new[-1].outputs[0]
+        out.name, out.dtype = node.outputs[0].name, node.outputs[0].dtype
+        graph.insert_before(node, new)
+        ir.convenience.replace_all_uses_with(node.outputs[0], out)
+        if node.outputs[0] in graph.outputs:
+            graph.outputs[graph.outputs.index(node.outputs[0])] = out
+        graph.remove(node, safe=True)
+        fixed += 1
+    return fixed
 
 
 class _DropPreprocessHint(logging.Filter):

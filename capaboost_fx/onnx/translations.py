@@ -30,7 +30,7 @@ def translation_table() -> dict[Any, Any]:
         from transformers.exporters.exporter_onnx import _ONNX_TRANSLATION_TABLE
 
         table.update(_ONNX_TRANSLATION_TABLE)
-    except Exception:  # noqa: BLE001 - no transformers, or a version without the table
+    except ImportError:  # no transformers, or a version without the table
         pass
     table[torch.ops.aten._is_all_true.default] = _aten_is_all_true
     return table
