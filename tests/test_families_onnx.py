@@ -67,13 +67,12 @@ def test_llava_exports_past_its_input_checks(tmp_path) -> None:
     assert report.max_abs_diff < 1e-4
 
 
+# mT5 is T5's code (transformers copies it): its export is measured in the compatibility table
+# (benchmarks/families.py), not repeated here.
 SEQ2SEQ = {
     "t5": ("T5ForConditionalGeneration", "T5Config", ["*.q", "*.v"],
            dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                 decoder_start_token_id=0)),
-    "mt5": ("MT5ForConditionalGeneration", "MT5Config", ["*.q", "*.v"],
-            dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                 decoder_start_token_id=0)),
     "bart": ("BartForConditionalGeneration", "BartConfig", ["*.q_proj", "*.v_proj"],
              dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -88,7 +87,7 @@ SEQ2SEQ = {
 
 @pytest.mark.parametrize("name", sorted(SEQ2SEQ))
 def test_encoder_decoders_export_and_verify(name, tmp_path) -> None:
-    """T5, mT5, BART, Whisper (their KV cache on by default: exported with use_cache=False)."""
+    """T5, BART, Whisper (their KV cache on by default: exported with use_cache=False)."""
     model_cls, config_cls, targets, cfg = SEQ2SEQ[name]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
