@@ -20,7 +20,6 @@ from .errors import (
     InputError,
     SpecError,
     SpecTypeError,
-    TargetError,
     TargetNotFoundError,
     close_names,
 )
@@ -38,7 +37,7 @@ from .passes.capture import (
     to_meta,
 )
 from .passes.diagnose import model_frame
-from .passes.eager import attach, find_modules, quantized_weights
+from .passes.eager import attach, find_experts, find_modules, quantized_weights
 from .passes.match import (
     Candidate,
     check,
@@ -314,21 +313,6 @@ def _runs_eagerly(model: nn.Module, example_inputs: Any,
     return True
 
 
-def _refuse_expert_targets(shell: nn.Module, unmatched: list[str], reason: str) -> None:
-    """Expert weights (3-D parameters of grouped or batched matmuls) are targets of the graph
-    path, whose rewrite reaches the parameter's read; the eager path adapts linear modules."""
-    experts = [n for n, p in shell.named_parameters() if p.dim() == 3]
-    for pattern in unmatched:
-        hits = [n for n in experts if pattern_matches(pattern, n)]
-        if hits:
-            raise TargetError(
-                f"Spec.targets entry {pattern!r} names expert parameters ({hits[:2]}): 3-D "
-                "weights are targets on the graph path only, and this model takes the eager "
-                f"path ({reason}). Target its linear modules (attention, shared experts), "
-                "or let it be captured (capture='graph', with weights torch.export can trace)."
-            )
-
-
 def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, checkpoint: Any
                      ) -> CapaBoostModel:
     """The eager path (`capaboost_fx.passes.eager`): no capture, hooks on linear modules."""
@@ -337,14 +321,13 @@ def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, che
     for what, value in (("blocks", blocks), ("checkpoint", checkpoint)):
         if value not in (None, True, False, "auto"):  # patterns: each must name a module
             modules_matching(shell, value, what)
-    candidates = find_modules(shell)
+    candidates = {**find_modules(shell), **find_experts(shell)}
     selection = select(candidates, spec)
-    _refuse_expert_targets(shell, selection.unmatched, reason)
     check(selection, candidates, spec, [n for n, _ in shell.named_modules()])
     device = next((p.device for p in shell.parameters()), torch.device("cpu"))
     trainable = _freeze(shell, spec.trainable)
     for name, c in selection.targets.items():
-        attach(shell, name, _make_adapter(name, c, spec, device))
+        attach(shell, c, _make_adapter(name, c, spec, device))
     names = auto_blocks(shell)
     info = CaptureInfo("eager", list(selection.targets),
                        {n: r.message for n, r in selection.skipped.items()}, trainable, names,
@@ -463,7 +446,7 @@ def inspect(
     _check_call(model, spec, capture)
     probe = spec or Spec(targets=["re:(?!)"])  # matches nothing
     if capture == "eager" or (capture == "auto" and quantized_weights(model)):
-        candidates: dict[str, Any] = find_modules(model)
+        candidates: dict[str, Any] = {**find_modules(model), **find_experts(model)}
     else:
         args, kwargs = _inputs(example_inputs, example_kwargs)
         with warnings.catch_warnings():

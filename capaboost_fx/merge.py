@@ -26,8 +26,6 @@ from torch import nn
 from .adapter import CapaBoostAdapter, whole_tensor
 from .errors import FoldError
 
-ADAPTER_HOOK_ATTR = "_capaboost_adapter_hook"
-
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -191,6 +189,31 @@ def adapter_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     return output + a(output if a.sequential else args[0])
 
 
+def expert_pre_hook(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a module whose stacked (experts × out × in) parameter is an eager
+    target: for this call, its attribute reads ``W + ΔW`` (the module's code runs as it is,
+    whatever op reads the weight); `expert_post_hook` lifts it again. The parameter itself, the
+    state dict and a disabled adapter are untouched."""
+    for child, a in module._modules.items():
+        if not child.startswith("capaboost_") or not isinstance(a, CapaBoostAdapter):
+            continue
+        attr = child[len("capaboost_"):]
+        module.__dict__.pop(attr, None)  # a call that raised left its value behind
+        if a.enabled:
+            w = module._parameters[attr]
+            module.__dict__[attr] = w + a(w)
+
+
+def expert_post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    for child in module._modules:
+        if child.startswith("capaboost_"):
+            module.__dict__.pop(child[len("capaboost_"):], None)
+    return output
+
+
+ADAPTER_HOOKS = (adapter_hook, expert_post_hook)  # what structure_copy removes with adapters
+
+
 def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A dense ``nn.Linear`` holding `weight` (out × in) and the module's bias: what a
     quantized linear becomes once merged."""
@@ -257,8 +280,10 @@ def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, tor
     for m in out.modules():
         for k in [k for k, v in m._modules.items() if isinstance(v, CapaBoostAdapter)]:
             del m._modules[k]
-        for k in [k for k, h in m._forward_hooks.items() if h is adapter_hook]:
+        for k in [k for k, h in m._forward_hooks.items() if h in ADAPTER_HOOKS]:
             del m._forward_hooks[k]
+        for k in [k for k, h in m._forward_pre_hooks.items() if h is expert_pre_hook]:
+            del m._forward_pre_hooks[k]
     for fqn, w in weights.items():
         owner_name, _, attr = fqn.rpartition(".")
         owner = out.get_submodule(owner_name) if owner_name else out

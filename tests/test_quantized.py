@@ -219,3 +219,44 @@ def test_fold_requantizes_on_request_with_the_error_measured() -> None:
     assert 0 < err_again < 4 * err_base, (err_again, err_base)
     with pytest.raises(cbx.FoldError, match="requantize"):
         cbx.fold(cbx.transform(Net(), SPEC, (x,)), requantize=renf4)
+
+
+def test_quantized_moe_trains_its_experts() -> None:
+    """A QLoRA-style MoE: NF4 attention weights (128 × 128: NF4's block sizes) send transform to the eager path on its own,
+    where the experts' stacked weights are targets too (tests/test_uncapturable.py checks their
+    algebra); they train and fold into dense stacked weights."""
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    for name in ("q_proj", "k_proj"):
+        lin = getattr(model.model.layers[0].self_attn, name)
+        lin.weight = nn.Parameter(nf4(lin.weight.detach().clone()), requires_grad=False)
+    ids = torch.randint(0, 64, (2, 8))
+    spec = cbx.Spec(targets=["*.experts.gate_up_proj", "*.experts.down_proj", "*.q_proj"],
+                    rank=2)
+    tm = cbx.transform(model, spec, example_inputs=(ids,))
+    assert tm.eager and "quantized" in tm.capture_info.eager_reason
+    assert len(cbx.adapters(tm)) == 3
+    opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad], lr=0.5)
+    tm.train()
+    for _ in range(2):
+        tm(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expert = cbx.adapters(tm)["model.layers.0.mlp.experts.gate_up_proj"]
+    assert float(expert.B.abs().sum()) > 0  # trained
+    tm.eval()
+    folded = cbx.fold(tm)
+    with torch.no_grad():
+        y = tm(ids).logits
+        assert (y - model(ids).logits).abs().max() > 1e-4
+        torch.testing.assert_close(folded(ids).logits, y, rtol=1e-3, atol=1e-3)
+    w = folded.base_model.model.layers[0].mlp.experts.gate_up_proj
+    torch.testing.assert_close(w, model.model.layers[0].mlp.experts.gate_up_proj
+                               + expert.delta_weight().to(w.dtype))

@@ -87,17 +87,66 @@ def test_led_trains_folds_and_generates_eagerly() -> None:
     assert torch.equal(out, folded.generate(ids, max_new_tokens=4, do_sample=False))
 
 
-def test_expert_parameters_on_the_eager_path_say_where_they_are_targets() -> None:
-    """MoE expert weights (3-D parameters) are targets on the graph path
-    (tests/test_families_onnx.py::test_moe_expert_parameters_as_targets);
-    on the eager path the error says so instead of 'matched no linear op'."""
+def test_expert_parameters_as_eager_targets(tmp_path) -> None:
+    """MoE expert weights (experts × out × in parameters) on the eager path (a quantized MoE
+    goes there): W + ΔW for each call of the experts module, equal to an independent
+    per-expert reference and to the graph path's adapters with the same values; training
+    reaches them; disable_adapter gives the base; the fold is exact and carries no hook; the
+    adapter file round-trips; the caller's model is untouched."""
     cfg = transformers.Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
+        max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 64, (2, 8))
-    with pytest.raises(cbx.errors.TargetError, match="expert parameters.*graph path only"):
-        cbx.transform(model, cbx.Spec(targets=["*.experts.gate_up_proj"], rank=2),
-                      example_kwargs={"input_ids": ids}, capture="eager")
+    spec = cbx.Spec(targets=["*.experts.gate_up_proj", "*.experts.down_proj", "*.q_proj"],
+                    rank=2, num_masks=2, density=0.5)
+    report = cbx.inspect(model, spec, capture="eager")
+    names = sorted(t["name"] for t in report.targets)
+    assert [n for n in names if "experts" in n] == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")]
+    tm = cbx.transform(model, spec, capture="eager")
+    graph = cbx.transform(model, spec, example_inputs=(ids,), capture="graph")
+    assert tm.eager and not graph.eager and sorted(cbx.adapters(tm)) == names
+    _nonzero(tm)
+    with torch.no_grad():
+        for name, a in cbx.adapters(graph).items():
+            a.load_state_dict(cbx.adapters(tm)[name].state_dict())
+    expert = cbx.adapters(tm)["model.layers.0.mlp.experts.gate_up_proj"]
+    assert expert.groups == 4 and expert.A.shape == (4, 2, 32)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, ad in cbx.adapters(tm).items():
+            if ad.groups:  # ΔW[g] = s Σ_i (B_g ⊙ M^B_gi)(A_g ⊙ M^A_gi), from the paper's formula
+                ref.get_parameter(name).add_(torch.stack([
+                    sum((ad.B[g] * ad.mask_B[g, i]) @ (ad.A[g] * ad.mask_A[g, i])
+                        for i in range(ad.num_masks)) for g in range(ad.groups)]) * ad.scaling)
+            else:
+                ref.get_parameter(f"{name}.weight").add_(sum(
+                    (ad.B * ad.mask_B[i]) @ (ad.A * ad.mask_A[i])
+                    for i in range(ad.num_masks)) * ad.scaling)
+        tm.eval()
+        y = tm(ids).logits
+        torch.testing.assert_close(y, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph.eval()(ids).logits, y, rtol=1e-5, atol=1e-5)
+        assert (y - model(ids).logits).abs().max() > 1e-3
+        with tm.disable_adapter():
+            torch.testing.assert_close(tm(ids).logits, model(ids).logits)
+        folded = cbx.fold(tm)
+        torch.testing.assert_close(folded(ids).logits, y, rtol=1e-5, atol=1e-5)
+    hooks = [h for m in folded.modules() for h in (*m._forward_pre_hooks.values(),
+                                                   *m._forward_hooks.values())]
+    assert not hooks and not any(isinstance(m, cbx.CapaBoostAdapter) for m in folded.modules())
+    tm.train()
+    tm(ids, labels=ids).loss.backward()
+    assert all(a.A.grad is not None and a.A.grad.abs().sum() > 0
+               for a in cbx.adapters(tm).values() if a.groups)
+    cbx.save_adapter(tm, tmp_path / "experts.safetensors")
+    back = cbx.load_adapter(model, tmp_path / "experts.safetensors", capture="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids).logits, y)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

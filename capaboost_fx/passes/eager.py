@@ -12,6 +12,10 @@ it too): the algebra of `rewrite`, applied at the module boundary instead of the
 model runs as it is, so whatever it does (quantized kernels, data-dependent code, numpy
 masking, KV caches) keeps working; the fold, files and ONNX export are the graph path's.
 
+Stacked expert weights (an experts × out × in parameter, as MoE experts hold them) are targets
+too (`find_experts`): for each call of their module, the attribute its code reads is
+``W + ΔW`` (`merge.expert_pre_hook`), lifted again after the call.
+
 When `transform` takes this path (``capture="eager"``, or ``"auto"`` when the model holds
 quantized weights or torch.export fails) it says why in ``capture_info.eager_reason``.
 """
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..merge import adapter_hook, is_quantized
+from ..merge import adapter_hook, expert_post_hook, expert_pre_hook, is_quantized
 from .match import adapter_path
 
 
@@ -100,13 +104,75 @@ def find_modules(model: nn.Module) -> dict[str, ModuleLinear]:
     return out
 
 
+@dataclass
+class ModuleExperts:
+    """A stacked parameter (experts × out × in, as MoE experts hold them) as a candidate
+    target: the eager counterpart of the graph path's expert `match.Candidate`. Its adapter
+    adds ΔW to the parameter for each call of its module (`merge.expert_pre_hook`)."""
+
+    name: str  # the parameter's FQN (target names of parameters are their FQNs)
+    param: torch.Tensor
+    reason: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    sites: dict[str, list[Any]] = field(default_factory=dict)
+    kind = "op"
+    layout = "param"
+    bias_fqn = None
+
+    @property
+    def fqn(self) -> str:
+        return self.name
+
+    @property
+    def ops(self) -> list[str]:
+        return ["module parameter (experts)"]
+
+    @property
+    def in_features(self) -> int:
+        return self.param.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.param.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def adapter_path(self) -> str:
+        return adapter_path(self.fqn)
+
+
+def find_experts(model: nn.Module) -> dict[str, ModuleExperts]:
+    """Every stacked floating-point parameter (3-D, at least two experts) of a module that is
+    not a convolution: the graph path's rule for expert targets, without the graph."""
+    out = {}
+    for mname, m in model.named_modules():
+        if "Conv" in type(m).__name__ or "parametrizations" in mname:
+            continue
+        for attr, p in m._parameters.items():
+            if p is not None and p.dim() == 3 and p.shape[0] >= 2 and p.is_floating_point():
+                fqn = f"{mname}.{attr}" if mname else attr
+                out[fqn] = ModuleExperts(fqn, p)
+    return out
+
+
 def quantized_weights(model: nn.Module) -> list[str]:
     """Names of parameters stored quantized (torch.export's fake-tensor twin cannot hold them)."""
     return [n for n, p in model.named_parameters() if is_quantized(p)]
 
 
-def attach(shell: nn.Module, name: str, adapter: nn.Module) -> None:
-    """Register `adapter` as ``<name>.capaboost`` and hook it onto the module's output."""
-    module = shell.get_submodule(name)
-    module.add_module("capaboost", adapter)
-    module.register_forward_hook(adapter_hook)
+def attach(shell: nn.Module, candidate: ModuleLinear | ModuleExperts, adapter: nn.Module) -> None:
+    """Register `adapter` at the candidate's adapter path (``<module>.capaboost``, or
+    ``<module>.capaboost_<parameter>`` for experts) and hook it onto its module: the output
+    for a linear module, the parameter's reads for experts."""
+    owner, _, child = candidate.adapter_path.rpartition(".")
+    module = shell.get_submodule(owner) if owner else shell
+    first = not any(k.startswith("capaboost") for k in module._modules)
+    module.add_module(child, adapter)
+    if candidate.layout != "param":
+        module.register_forward_hook(adapter_hook)
+    elif first:  # one pair of hooks serves every stacked parameter of the module
+        module.register_forward_pre_hook(expert_pre_hook)
+        module.register_forward_hook(expert_post_hook)
