@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import logging
 import os
 import platform
 import shutil
@@ -362,6 +363,10 @@ def _serve(config: DemoConfig, result: dict[str, Any], paths: Mapping[str, str],
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command line entry point; returns 0 when every check passed, 1 otherwise."""
     config = parse(argv, prog)
+    # bitsandbytes (installed with the [dev] extra, imported by transformers while tracing)
+    # warns on CPUs with AVX-512 BF16 that an optional 4-bit kernel package is missing; this
+    # demo quantizes nothing with it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     report = run(config)
     print(f"\nreport: {Path(config.out) / 'report.md'}")
     for arm in ARMS:
