@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..merge import adapter_hook, expert_post_hook, expert_pre_hook, is_quantized
-from .match import adapter_path
+from .match import Candidate, adapter_path
 
 
 @dataclass
@@ -104,44 +104,18 @@ def find_modules(model: nn.Module) -> dict[str, ModuleLinear]:
     return out
 
 
-@dataclass
-class ModuleExperts:
+class ModuleExperts(Candidate):
     """A stacked parameter (experts × out × in, as MoE experts hold them) as a candidate
-    target: the eager counterpart of the graph path's expert `match.Candidate`. Its adapter
-    adds ΔW to the parameter for each call of its module (`merge.expert_pre_hook`)."""
-
-    name: str  # the parameter's FQN (target names of parameters are their FQNs)
-    param: torch.Tensor
-    reason: str | None = None
-    aliases: list[str] = field(default_factory=list)
-    sites: dict[str, list[Any]] = field(default_factory=dict)
-    kind = "op"
-    layout = "param"
-    bias_fqn = None
+    target: the graph path's expert `match.Candidate`, found without a graph. Its adapter adds
+    ΔW to the parameter for each call of its module (`merge.expert_pre_hook`)."""
 
     @property
-    def fqn(self) -> str:
-        return self.name
+    def layout(self) -> str:
+        return "param"
 
     @property
     def ops(self) -> list[str]:
         return ["module parameter (experts)"]
-
-    @property
-    def in_features(self) -> int:
-        return self.param.shape[2]
-
-    @property
-    def out_features(self) -> int:
-        return self.param.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.param.dtype
-
-    @property
-    def adapter_path(self) -> str:
-        return adapter_path(self.fqn)
 
 
 def find_experts(model: nn.Module) -> dict[str, ModuleExperts]:
@@ -154,7 +128,7 @@ def find_experts(model: nn.Module) -> dict[str, ModuleExperts]:
         for attr, p in m._parameters.items():
             if p is not None and p.dim() == 3 and p.shape[0] >= 2 and p.is_floating_point():
                 fqn = f"{mname}.{attr}" if mname else attr
-                out[fqn] = ModuleExperts(fqn, p)
+                out[fqn] = ModuleExperts(fqn, fqn, p)
     return out
 
 
