@@ -36,6 +36,7 @@ from .errors import (
     SpecTypeError,
     TargetError,
     TargetNotFoundError,
+    UncapturableError,
     VerificationError,
 )
 from .io import load_adapter, read_header, save_adapter
@@ -90,6 +91,7 @@ __all__ = [
     "TargetNotFoundError",
     "TargetError",
     "CaptureError",
+    "UncapturableError",
     "InputError",
     "ForwardError",
     "ForwardInputError",

@@ -35,6 +35,11 @@ class CaptureError(CapaBoostError, RuntimeError):
     """`torch.export` could not capture the model with the given inputs."""
 
 
+class UncapturableError(CaptureError):
+    """torch.export itself failed on the model (not on capaboost_fx's checks): what makes
+    ``transform(capture="auto")`` train the model eagerly instead."""
+
+
 class InputError(CapaBoostError, ValueError):
     """Example inputs, or inputs at run time, do not fit what was captured."""
 

@@ -150,9 +150,11 @@ def load_adapter(
     *,
     capture: str = "auto",
 ) -> Any:
-    """Rebuild the training module on `model` (never changed) from an adapter file, or from
-    a directory that ``train_model.save_pretrained(dir)`` wrote. ``capture`` as in
-    `capaboost_fx.transform`.
+    """Rebuild the training module on `model` (never changed) from an adapter file
+    (``save_adapter``'s ``.safetensors``), or from a directory that
+    ``train_model.save_pretrained(dir)`` or a Trainer checkpoint wrote: the module
+    `transform` would return, with the file's spec and trained values (train on, `fold`, or
+    `generate`). ``capture`` as in `capaboost_fx.transform`.
 
     Example:
         >>> tm = cbx.load_adapter(model, "adapter.safetensors", example_inputs=(ids,))  # doctest: +SKIP

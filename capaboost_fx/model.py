@@ -32,7 +32,7 @@ from torch import fx, nn
 from .adapter import CapaBoostAdapter
 from .errors import CapaBoostError, InputError, NotTransformedError
 from .model_like import AdapterModelLike, ModelLike
-from .passes.diagnose import call_error, forward_failure, refused_call
+from .passes.diagnose import call_error, forward_failure, refused_call, unknown_arguments
 from .variant import Variant, _compile, autocast_state, graph_dynamic_shapes
 
 
@@ -123,6 +123,10 @@ class GraphProgram(_Unpicklable, nn.Module):
             inputs = [v.inputs(next(iter(v.graphs)), args, kwargs, self._param_names())
                       for v in (same or self._variants)]
             refused = refused_call(self, sizes if new_shape else None, inputs, e)
+            if refused is None and not same:
+                known = {n for v in self._variants
+                         for n in v.signature(self._param_names()).parameters}
+                refused = unknown_arguments(self, kwargs, known, e)
             if refused is None:
                 raise
             raise refused from e

@@ -113,6 +113,11 @@ CATALOGUE: list[tuple[str, Callable[[dict], Callable[[], object]], type, str]] =
                             r"accepts at most 16 positions"),
     ("call: labels of another batch", lambda k: _bert_call(k, labels=torch.tensor([0, 1])),
      cbx.ForwardInputError, r"labels\.shape\[0\] is 2 but input_ids\.shape\[0\] is 3"),
+    ("call: misspelled keyword", lambda k: lambda: k["tm"](
+        input_id=_ids(), attention_mask=torch.ones(3, 7, dtype=torch.long),
+        labels=torch.tensor([0, 1, 2])),
+     cbx.InputError, r"passes \['input_id'\], which no captured call did \(captured: "
+                     r"\['attention_mask', 'input_ids', 'labels'\]\); did you mean 'input_ids'"),
     ("call: ids outside the vocabulary", lambda k: _bert_call(k, input_ids=_ids() + VOCAB),
      cbx.ForwardLookupError, r"input_ids holds values .*vocabulary has 50 entries"),
     ("call: wrong feature size", lambda k: lambda: k["tmm"](torch.randn(4, 9)),
@@ -222,3 +227,23 @@ def test_override_naming_a_candidate_that_is_not_a_target_says_so() -> None:
     with pytest.raises(cbx.TargetNotFoundError, match=r"It matches '2', which is not a target "
                                                       r"\(not matched by targets\)"):
         cbx.transform(mlp, spec, (X,))
+
+
+def test_inputs_that_disagree_with_each_other_blame_the_batch_not_the_capture() -> None:
+    """A causal LM's labels of another length than its input_ids: the graph's guard relates
+    the two inputs, so the message says the batch is wrong (not "re-run transform")."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32,
+        use_cache=False))
+    ids = _ids(2, 12)
+    tm = cbx.transform(model, cbx.Spec(targets=["*.q_proj"], rank=2),
+                       example_kwargs={"input_ids": ids, "labels": ids})
+    with pytest.raises(cbx.InputError) as info:
+        tm(input_ids=ids, labels=ids[:, :5])
+    msg = str(info.value)
+    assert re.search(r"this call's input_ids and labels do not fit together", msg), msg
+    assert "labels: int64 (2, 5)" in msg and "Re-run transform" not in msg

@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, InputError
+from ..errors import CaptureError, InputError, UncapturableError
 from ..merge import is_quantized
 from .checkpoints import CheckpointRecorder, hf_checkpointed, hf_checkpointing_off
 from .diagnose import InputGuard, explain_failure
@@ -45,11 +45,6 @@ from .diagnose import InputGuard, explain_failure
 BASE = "base_model"  # attribute that holds the training module's shell of the user's model
 CONSTANTS = "capaboost_constants"  # lifted tensor constants of the captured graphs
 MODES = ("train", "eval")
-
-
-class UncapturableError(CaptureError):
-    """torch.export itself failed on the model (not on our passes' checks): what makes
-    ``transform(capture="auto")`` train the model eagerly instead."""
 
 
 @dataclass

@@ -3,6 +3,7 @@ guards that turn torch.export's assertions into errors in the user's terms."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CapaBoostError, InputError, forward_error
+from ..errors import CapaBoostError, InputError, close_names, forward_error
 
 
 def model_frame(err: BaseException) -> str | None:
@@ -156,6 +157,29 @@ def _fmt(size: Any) -> str:
     return f"{r[0]}..{r[1]}" if r[1] is not None else f">={r[0]}"
 
 
+LEGEND = "(n..m: the range captured for a dim; >=n: at least n)"
+
+
+def unknown_arguments(module: nn.Module, kwargs: Mapping[str, Any], known: set[str],
+                      err: BaseException) -> CapaBoostError | None:
+    """A call whose keyword names no captured call used (a new structure is captured, and
+    that capture failed): say which names are new, and the captured name each is closest
+    to (``input_id`` -> ``input_ids``), rather than blame the capture."""
+    new = [k for k in kwargs if k not in known]
+    if not new or not known:
+        return None
+    close = {k: close_names(k, sorted(known), 1)[0] for k in new}
+    likely = {k: c for k, c in close.items() if difflib.SequenceMatcher(None, k, c).ratio() > 0.8}
+    hint = "; did you mean " + ", ".join(f"{c!r} for {k!r}" for k, c in likely.items()) \
+        if likely else ""
+    text = " ".join(str(err).split())
+    first = (text[:300] + " ...") if len(text) > 300 else (text or type(err).__name__)
+    return InputError(
+        f"{type(module).__name__}: this call passes {new}, which no captured call did "
+        f"(captured: {sorted(known)}){hint}? A call with other argument names is captured "
+        f"anew, and that capture failed: {first}")
+
+
 def _captured(name: str, val: torch.Tensor) -> str:
     dims = ", ".join(_fmt(s) for s in val.shape)
     return f"{name}: {str(val.dtype).replace('torch.', '')} ({dims})"
@@ -185,8 +209,7 @@ def _structure(name: str, c: torch.Tensor, g: Any) -> str | None:
                 f"{_captured(name, c)}")
     if g.dim() != c.dim():
         return (f"{name} has shape {tuple(g.shape)}, rank {g.dim()}; the module takes "
-                f"{name} of rank {c.dim()}, as captured: {_captured(name, c)} (n..m: the "
-                "range captured for a dim)")
+                f"{name} of rank {c.dim()}, as captured: {_captured(name, c)} {LEGEND}")
     if _kind(g) != _kind(c):
         ids = " (ids index an embedding: pass a torch.long tensor)" if _kind(c) == "integer" else ""
         return (f"{name} has dtype {g.dtype}; the module was captured with {_kind(c)} "
@@ -304,11 +327,16 @@ def call_error(err: BaseException, module: nn.Module, mode: str,
     if why is not None:
         return forward_error(err, f"{what}: {why}.", blame=True)
     if getattr(err, "guard", False):
+        named = [n for n, _ in inputs if re.search(rf"\b{re.escape(n)}\b", str(err))]
+        if len(named) > 1:  # a relation between the inputs: the call's, not the capture's
+            return InputError(
+                f"{what}: this call's {' and '.join(named)} do not fit together as the model's "
+                f"code requires ({err}). Called with {called}. Check the batch: the graph "
+                "takes any sizes that satisfy this relation.")
         return InputError(
-            f"{what}: {err}. Called with {called}; captured for {captured} (n..m: the range "
-            "captured for a dim). Re-run transform with example inputs of a typical shape "
-            "(batch >= 2, batch != sequence length) or pass dynamic_shapes=... with wider "
-            "Dim ranges.")
+            f"{what}: {err}. Called with {called}; captured for {captured} {LEGEND}. Re-run "
+            "transform with example inputs of a typical shape (batch >= 2, batch != sequence "
+            "length) or pass dynamic_shapes=... with wider Dim ranges.")
     where = model_frame(err)
     at = f" at {where}" if where else ""
     return forward_error(

@@ -456,7 +456,8 @@ def check(selection: Selection, candidates: dict[str, Candidate], spec: Spec,
             f"{close_names(p, all_names)}. Targets are named by the module owning the weight "
             "(e.g. 'bert.encoder.layer.0.attention.self.query'); use globs ('*.query') or "
             "'re:<regex>'; capaboost_fx.inspect(model, spec, ...) lists every candidate."
-            + (" To put a sequential adapter after a module's output, use method='sadapter'."
+            + ((" It names a module: to put a sequential adapter after a module's output, "
+                "use method='sadapter'." if any(pattern_matches(p, m) for m in modules) else "")
                if spec.method != "sadapter" else
                " With method='sadapter' an entry naming no linear op names modules instead "
                "(e.g. 'model.layers.*.mlp'); this one names none.")
