@@ -255,16 +255,29 @@ def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
     return holder
 
 
-def run_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """`model`'s own forward; what it raises comes back as a `ForwardError` naming it."""
+def run_eagerly(model: nn.Module, args: tuple, kwargs: dict,
+                seen: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None = None) -> Any:
+    """`model`'s own forward; what it raises comes back as a `ForwardError` naming it (and the
+    argument to blame, against `seen`: dtype and shape by name of the first call that ran,
+    recorded here)."""
     if torch.compiler.is_dynamo_compiling():
         return model(*args, **kwargs)
     try:
-        return model(*args, **kwargs)
+        names = list(inspect.signature(model.forward).parameters)[:len(args)]
+    except (TypeError, ValueError):
+        names = []
+    names += [f"args[{i}]" for i in range(len(names), len(args))]
+    given = {**dict(zip(names, args, strict=True)), **kwargs}
+    try:
+        out = model(*args, **kwargs)
     except (CapaBoostError, torch.OutOfMemoryError):
         raise
     except Exception as e:
-        raise forward_failure(e, model) from e
+        raise forward_failure(e, model, given, seen or {}) from e
+    if seen is not None and not seen:
+        seen.update({n: (t.dtype, tuple(t.shape)) for n, t in given.items()
+                     if isinstance(t, torch.Tensor)})
+    return out
 
 
 @dataclass
@@ -349,7 +362,8 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return run_eagerly(self.base_model, args, kwargs)
+            return run_eagerly(self.base_model, args, kwargs,
+                               self.__dict__.setdefault("_eager_seen", {}))
         if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
             meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
             if meta:
@@ -420,7 +434,8 @@ class FoldedModel(ModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return run_eagerly(self.base_model, args, kwargs)
+            return run_eagerly(self.base_model, args, kwargs,
+                               self.__dict__.setdefault("_eager_seen", {}))
         return super().forward(*args, **kwargs)
 
     @property

@@ -55,11 +55,12 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> dict:
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     tmm = cbx.transform(mlp, cbx.Spec(targets=["0"], rank=2), (X,))
     eager = cbx.transform(Picky(), cbx.Spec(targets=["fc"], rank=2), (X,), capture="eager")
+    eager_bert = cbx.transform(bert, cbx.Spec(targets=["*.query"], rank=2), capture="eager")
     d = tmp_path_factory.mktemp("catalogue")
     cbx.save_adapter(tmm, d / "mlp.safetensors")
     (d / "junk.safetensors").write_bytes(b"not a file")
     return {"bert": bert, "kw": kw, "tm": tm, "fm": cbx.fold(tm), "mlp": mlp, "tmm": tmm,
-            "eager": eager, "dir": d}
+            "eager": eager, "eager_bert": eager_bert, "dir": d}
 
 
 def _bert_call(k: dict, **change: torch.Tensor) -> Callable[[], object]:
@@ -130,6 +131,13 @@ CATALOGUE: list[tuple[str, Callable[[dict], Callable[[], object]], type, str]] =
         torch.randn(6, 8)), cbx.ForwardValueError,
      r"Picky's own forward \(run eagerly\) raised ValueError at .*Picky takes at most 4 rows"),
     # fold and the folded module
+    ("call (eager): another rank than the calls that ran", lambda k: lambda: (
+        k["eager"](X), k["eager"](torch.randn(8))),
+     cbx.ForwardValueError, r"x has shape \(8,\), rank 1; the calls that ran passed x of "
+                            r"rank 2 \(e\.g\. \(4, 8\)\)\. Picky's own forward"),
+    ("call (eager): ids outside the vocabulary", lambda k: lambda: k["eager_bert"](
+        input_ids=_ids() + VOCAB),
+     cbx.ForwardLookupError, r"input_ids holds values .*vocabulary has 50 entries.*own forward"),
     ("fold: a plain model", lambda k: lambda: cbx.fold(k["mlp"]), cbx.NotTransformedError,
      r"fold\(\) needs a transformed module, got Sequential"),
     ("folded call: float input_ids", lambda k: lambda: k["fm"](

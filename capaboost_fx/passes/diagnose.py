@@ -344,9 +344,38 @@ def call_error(err: BaseException, module: nn.Module, mode: str,
         f"for {captured}.")
 
 
-def forward_failure(err: BaseException, model: nn.Module) -> CapaBoostError:
-    """The library error for `err`, raised by `model`'s own forward running eagerly."""
+def forward_failure(err: BaseException, model: nn.Module,
+                    given: Mapping[str, Any] | None = None,
+                    seen: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+                    ) -> CapaBoostError:
+    """The library error for `err`, raised by `model`'s own forward running eagerly. With the
+    call's tensors by name (`given`) and what an earlier call that ran passed (`seen`: dtype
+    and shape by name), an argument of another rank or dtype kind, or ids beyond the
+    vocabulary, is named first."""
     where = model_frame(err)
     at = f" at {where}" if where else ""
-    return forward_error(err, f"{type(model).__name__}'s own forward (run eagerly) raised "
-                              f"{type(err).__name__}{at}: {err}")
+    why, given = None, given or {}
+    try:
+        why = _unlike_earlier(given, seen or {}) or _vocabulary(
+            err, [(n, None) for n in given], list(given.values()), _config(model))
+    except Exception:  # noqa: BLE001 - a diagnosis must not hide the error it explains
+        pass
+    lead = f"{why}. " if why else ""
+    return forward_error(err, f"{lead}{type(model).__name__}'s own forward (run eagerly) raised "
+                              f"{type(err).__name__}{at}: {err}", blame=why is not None)
+
+
+def _unlike_earlier(given: Mapping[str, Any],
+                    seen: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> str | None:
+    for name, g in given.items():
+        if name not in seen or not isinstance(g, torch.Tensor):
+            continue
+        dtype, shape = seen[name]
+        if g.dim() != len(shape):
+            return (f"{name} has shape {tuple(g.shape)}, rank {g.dim()}; the calls that ran "
+                    f"passed {name} of rank {len(shape)} (e.g. {shape})")
+        if _kind(g) != _kind(torch.empty(0, dtype=dtype)):
+            return (f"{name} has dtype {g.dtype}; the calls that ran passed {dtype}"
+                    + (" (ids index an embedding: pass a torch.long tensor)"
+                       if _kind(torch.empty(0, dtype=dtype)) == "integer" else ""))
+    return None
