@@ -182,3 +182,30 @@ def test_readme_deploy_snippet_prints_same_graph(tmp_path, monkeypatch):
     assert re.search(r"^- latency other vs base: .* interleaved rounds: (noise|a real difference)\)$",
                      printed, flags=re.M), printed
     assert (tmp_path / "model.int8.onnx").is_file()
+
+
+class _Positions(nn.Module):
+    """Token and position embeddings: sequences beyond 16 positions index out of range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(50, 8), nn.Embedding(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+
+
+def test_timing_inputs_beyond_the_model_say_which_and_how_to_fix(tmp_path, capsys):
+    """The default timing sequence (128) exceeds a 16-position model: a library error naming
+    the inputs and seq_len= (and the CLI prints it without a traceback), not onnxruntime's."""
+    from capaboost_fx.cli import main
+
+    path = tmp_path / "pos.onnx"
+    cbx.export_onnx(_Positions().eval(), path, (torch.randint(0, 50, (2, 8)),))
+    with pytest.raises(cbx.InputError, match=r"timing inputs \{'ids': \[1, 128\]\}.*seq_len="):
+        compare_onnx(path, path, runs=2)
+    assert compare_onnx(path, path, runs=2, warmup=1, seq_len=12).same_graph
+    assert main(["compare", str(path), str(path), "--runs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the files cannot run the timing inputs") and "Traceback" not in err

@@ -481,9 +481,18 @@ def compare_onnx(
                 key: synthesize_inputs(s, batch_size=batch_size, seq_len=seq_len)
                 for key, s in zip(("base", "other"), sessions, strict=True)
             }
-        timed = measure_latency(
-            {"base": sessions[0], "other": sessions[1]}, feeds, runs=runs, warmup=warmup
-        )
+        try:
+            timed = measure_latency(
+                {"base": sessions[0], "other": sessions[1]}, feeds, runs=runs, warmup=warmup
+            )
+        except Exception as e:  # the files loaded: what fails now is the inputs
+            shapes = {k: list(getattr(v, "shape", ())) for k, v in feeds["base"].items()}
+            raise InputError(
+                f"the files cannot run the timing inputs {shapes} ({type(e).__name__}: "
+                f"{str(e).strip()[:300]}). Pass seq_len= and batch_size= the model accepts "
+                "(a decoder's position limit: config.max_position_embeddings), or inputs={...} "
+                "by input name; latency=False compares the graphs only."
+            ) from e
         report.latency_base, report.latency_other = timed["base"], timed["other"]
         report.latency_comparison = compare_latency(timed["base"], timed["other"])
         report.batch_size, report.seq_len = batch_size, seq_len
