@@ -94,6 +94,12 @@ class GraphProgram(_Unpicklable, nn.Module):
         twin = self.__dict__.get("_twin") or (plan.twin if plan is not None else None)
         return list(inspect.signature(twin.forward).parameters) if twin is not None else []
 
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        """An eager module's call: your model's own forward, a failure named against the
+        arguments of the calls that ran (`run_eagerly`)."""
+        return run_eagerly(self.base_model, args, kwargs,
+                           self.__dict__.setdefault("_eager_seen", {}))
+
     def recompile(self) -> None:
         """Regenerate the code of every graph after a graph was changed in place."""
         for v in self._variants:
@@ -362,8 +368,7 @@ class CapaBoostModel(AdapterModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return run_eagerly(self.base_model, args, kwargs,
-                               self.__dict__.setdefault("_eager_seen", {}))
+            return self._run_eager(args, kwargs)
         if not self.__dict__.get("_weights_ready") and not torch.compiler.is_dynamo_compiling():
             meta = [n for n, t in self.base_model.named_parameters() if t.is_meta]
             if meta:
@@ -434,8 +439,7 @@ class FoldedModel(ModelLike, GraphProgram):
         if "fused_lm_head" in kwargs:  # TRL's trainers (model_like.AdapterModelLike)
             return self._fused_call(args, kwargs)
         if self.eager:
-            return run_eagerly(self.base_model, args, kwargs,
-                               self.__dict__.setdefault("_eager_seen", {}))
+            return self._run_eager(args, kwargs)
         return super().forward(*args, **kwargs)
 
     @property
