@@ -189,3 +189,15 @@ def reference_delta(adapter: Any) -> torch.Tensor:
         a = adapter.A.detach().double() * adapter.mask_A[i]
         total += b @ a
     return adapter.scaling * total
+
+
+def qwen2_moe_config(**changes: Any) -> Any:
+    """A tiny Qwen2-MoE config (4 experts, 2 per token, stacked expert weights); `changes`
+    override its fields."""
+    import transformers
+
+    fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                  max_position_embeddings=64, use_cache=False)
+    return transformers.Qwen2MoeConfig(**{**fields, **changes})

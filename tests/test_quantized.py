@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import qwen2_moe_config
 from torch import nn
 
 import capaboost_fx as cbx
@@ -227,11 +228,7 @@ def test_quantized_moe_trains_its_experts() -> None:
     algebra); they train and fold into dense stacked weights."""
     import transformers
 
-    cfg = transformers.Qwen2MoeConfig(
-        vocab_size=64, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16,
-        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, use_cache=False)
+    cfg = qwen2_moe_config(hidden_size=128, num_hidden_layers=1, num_key_value_heads=4)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     for name in ("q_proj", "k_proj"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from models import qwen2_moe_config
 
 import capaboost_fx as cbx
 
@@ -93,11 +94,7 @@ def test_expert_parameters_as_eager_targets(tmp_path) -> None:
     per-expert reference and to the graph path's adapters with the same values; training
     reaches them; disable_adapter gives the base; the fold is exact and carries no hook; the
     adapter file round-trips; the caller's model is untouched."""
-    cfg = transformers.Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
-        shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, use_cache=False)
+    cfg = qwen2_moe_config()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

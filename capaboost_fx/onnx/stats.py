@@ -3,14 +3,11 @@
 - `onnx_stats`: node count, operator histogram (``domain.Op`` outside the default domain),
   initializer count / shapes / bytes, file size, inputs and outputs — read without loading
   external weights.
-- `compare_onnx` / `CompareReport`: two files' statistics, whether they are the same graph
-  (same operators, node count and multiset of initializer shapes), or the same graph up to
-  initializers the exporter folded away in one of them (node by node, the same operators;
-  where one file lacks an optional initializer input — an all-zero bias dropped — or reads one
-  initializer where the other reads several identical ones, those are named) and,
-  optionally, their onnxruntime latency measured side by side with `measure_latency`, the
-  difference called noise when it is inside the spread of the interleaved rounds
-  (`compare_latency`).
+- `compare_onnx` / `CompareReport`: two files' statistics; the same graph (operators, node
+  count, multiset of initializer shapes) or the same up to initializers the exporter folded
+  away in one of them (an all-zero bias dropped, identical ones merged: named, node by node);
+  optionally their onnxruntime latency side by side (`measure_latency`), a difference inside
+  the spread of the interleaved rounds called noise (`compare_latency`).
 
 Example::
 
@@ -412,6 +409,28 @@ def _match_folded(report: CompareReport, base_path, other_path) -> None:
     report.same_graph_up_to_folding = not match.differences
 
 
+def _time_both(sessions: dict[str, Any], inputs: Mapping[str, Any] | None, batch_size: int,
+               seq_len: int, runs: int, warmup: int) -> dict[str, Any]:
+    """`measure_latency` of both sessions in alternating order on the same inputs (`inputs`,
+    or synthesised at batch_size x seq_len). Both files loaded, so a failure now is the
+    inputs': an `InputError` saying how to pass ones the model accepts."""
+    if inputs is not None:
+        feeds = {key: dict(inputs) for key in sessions}
+    else:
+        feeds = {key: synthesize_inputs(s, batch_size=batch_size, seq_len=seq_len)
+                 for key, s in sessions.items()}
+    try:
+        return measure_latency(sessions, feeds, runs=runs, warmup=warmup)
+    except Exception as e:  # noqa: BLE001 - re-raised, as the caller's inputs to fix
+        shapes = {k: list(getattr(v, "shape", ())) for k, v in feeds["base"].items()}
+        raise InputError(
+            f"the files cannot run the timing inputs {shapes} ({type(e).__name__}: "
+            f"{str(e).strip()[:300]}). Pass seq_len= and batch_size= the model accepts "
+            "(a decoder's position limit: config.max_position_embeddings), or inputs={...} "
+            "by input name; latency=False compares the graphs only."
+        ) from e
+
+
 def compare_onnx(
     base_path: str | os.PathLike,
     other_path: str | os.PathLike,
@@ -470,29 +489,10 @@ def compare_onnx(
     if not report.same_graph and not op_diff and b.node_count == o.node_count:
         _match_folded(report, base_path, other_path)
     if latency:
-        sessions = [
-            open_session(p, providers=providers, intra_op_num_threads=intra_op_num_threads)
-            for p in (base_path, other_path)
-        ]
-        if inputs is not None:
-            feeds = {"base": dict(inputs), "other": dict(inputs)}
-        else:
-            feeds = {
-                key: synthesize_inputs(s, batch_size=batch_size, seq_len=seq_len)
-                for key, s in zip(("base", "other"), sessions, strict=True)
-            }
-        try:
-            timed = measure_latency(
-                {"base": sessions[0], "other": sessions[1]}, feeds, runs=runs, warmup=warmup
-            )
-        except Exception as e:  # the files loaded: what fails now is the inputs
-            shapes = {k: list(getattr(v, "shape", ())) for k, v in feeds["base"].items()}
-            raise InputError(
-                f"the files cannot run the timing inputs {shapes} ({type(e).__name__}: "
-                f"{str(e).strip()[:300]}). Pass seq_len= and batch_size= the model accepts "
-                "(a decoder's position limit: config.max_position_embeddings), or inputs={...} "
-                "by input name; latency=False compares the graphs only."
-            ) from e
+        sessions = {key: open_session(p, providers=providers,
+                                      intra_op_num_threads=intra_op_num_threads)
+                    for key, p in (("base", base_path), ("other", other_path))}
+        timed = _time_both(sessions, inputs, batch_size, seq_len, runs, warmup)
         report.latency_base, report.latency_other = timed["base"], timed["other"]
         report.latency_comparison = compare_latency(timed["base"], timed["other"])
         report.batch_size, report.seq_len = batch_size, seq_len
