@@ -16,6 +16,7 @@ from .api import InspectReport, inspect, transform
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
+    AdapterMismatchError,
     AlreadyTransformedError,
     CapaBoostError,
     CapaBoostWarning,
@@ -50,6 +51,15 @@ from .onnx import (
     export_onnx,
     verify_onnx,
 )
+from .onnx.multi_lora import (
+    MultiLoraReport,
+    MultiLoraSession,
+    load_onnx_adapter,
+    lora_slots,
+    onnx_adapter_tensors,
+    read_onnx_adapter,
+    save_onnx_adapter,
+)
 from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
@@ -70,6 +80,13 @@ __all__ = [
     "register_mask",
     "rank_report",
     "to_peft_lora",
+    "save_onnx_adapter",
+    "load_onnx_adapter",
+    "read_onnx_adapter",
+    "onnx_adapter_tensors",
+    "lora_slots",
+    "MultiLoraSession",
+    "MultiLoraReport",
     "export_onnx",
     "verify_onnx",
     "compare_onnx",
@@ -105,6 +122,7 @@ __all__ = [
     "FoldError",
     "AdapterFileError",
     "AdapterFileNotFoundError",
+    "AdapterMismatchError",
     "ExportError",
     "FileWriteError",
     "VerificationError",

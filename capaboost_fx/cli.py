@@ -9,6 +9,8 @@ Commands:
   random token ids or pixels). ``--optimize ort|none|fastest|torchscript|torchscript+ort`` (default ort: onnxruntime
   fusions; fastest: every exporter path verified and timed, the fastest written),
   ``--quantize int8`` (dynamic int8).
+- ``onnx-adapter --model MODEL --adapter ADAPTER --out FILE.onnx_adapter [--base BASE.onnx]``:
+  a fine-tune as an onnxruntime adapter file for a multi-LoRA base (``export --multi-lora``).
 - ``compare BASE FOLDED``: node counts, operators, initializers, size and onnxruntime latency of
   two ONNX files as a Markdown table; ``--json`` writes the full report.
 
@@ -168,6 +170,15 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", default=None, metavar="FILE", help="also write the export report as JSON"
     )
+    p.add_argument(
+        "--multi-lora", action="store_true",
+        help="write a multi-LoRA base: the unmerged model with each target's adapter as "
+        "overridable initializers (--model a training module, or a base model with --adapter); "
+        "serve fine-tunes on it with onnx-adapter files",
+    )
+    p.add_argument("--adapter", default=None,
+                   help="with --multi-lora: the fine-tune whose adapters are the defaults "
+                   "(a save_adapter file or save_pretrained directory)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -177,6 +188,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
     else:
         model, inputs, kwargs = _from_factory(args.model)
+    if args.multi_lora:
+        import capaboost_fx as cbx
+
+        if args.adapter is not None:
+            model = cbx.load_adapter(model, args.adapter, inputs, kwargs)
+        ml = export_onnx(model, args.out, example_inputs=inputs, example_kwargs=kwargs,
+                         opset=args.opset, optimize=args.optimize, multi_lora=True)
+        print(f"wrote {ml.path}: multi-LoRA base, {len(ml.targets)} targets, "
+              f"{len(ml.slots)} adapter slots; run without an adapter it matches the training "
+              f"module within {ml.max_abs_diff:.3g}; fusions "
+              + (", ".join(f"{k} {v}" for k, v in ml.export.fusions.items()) or "none"))
+        if args.json:
+            _write_json(args.json, ml.to_dict())
+        return 0
     report = export_onnx(
         model,
         args.out,
@@ -374,6 +399,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         demo.build_parser = build
 
 
+# --------------------------------------------------------------------------- onnx-adapter
+
+
+def _add_onnx_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="the base model (as for export): module:factory, file.py:factory or a "
+                   "Hugging Face model directory; a factory may also return a training module")
+    p.add_argument("--adapter", default=None,
+                   help="the fine-tune: a save_adapter .safetensors file or save_pretrained "
+                   "directory (not needed when --model returns a training module)")
+    p.add_argument("--out", required=True, help="the .onnx_adapter file to write")
+    p.add_argument("--base", default=None, metavar="BASE.onnx",
+                   help="the multi-LoRA base (export --multi-lora): refuse a fine-tune that "
+                   "does not fit it (other targets, other rank)")
+    p.add_argument("--batch-size", type=int, default=2, help="example batch (model directory)")
+    p.add_argument("--seq-len", type=int, default=16, help="example length (model directory)")
+
+
+def _cmd_onnx_adapter(args: argparse.Namespace) -> int:
+    import capaboost_fx as cbx
+
+    if os.path.isdir(args.model):
+        model, inputs, kwargs = _from_hf_dir(args.model, args.batch_size, args.seq_len)
+    else:
+        model, inputs, kwargs = _from_factory(args.model)
+    if not isinstance(model, cbx.CapaBoostModel):
+        if args.adapter is None:
+            raise InputError("--model gave a plain model: name the fine-tune with --adapter "
+                             "(a save_adapter file or save_pretrained directory)")
+        model = cbx.load_adapter(model, args.adapter, inputs, kwargs)
+    path = cbx.save_onnx_adapter(model, args.out, base=args.base)
+    slots = cbx.onnx_adapter_tensors(model)
+    print(f"wrote {path} ({os.path.getsize(path):,} bytes, {len(slots) // 2} targets"
+          + (f", fits {args.base}" if args.base else "") + ")")
+    return 0
+
+
 # --------------------------------------------------------------------------- plumbing
 
 
@@ -403,6 +465,10 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export a model to ONNX and verify it", _add_export_args, _cmd_export),
     "compare": Command(
         "compare two ONNX files (graph, size, latency)", _add_compare_args, _cmd_compare
+    ),
+    "onnx-adapter": Command(
+        "write a fine-tune as an onnxruntime .onnx_adapter for a multi-LoRA base",
+        _add_onnx_adapter_args, _cmd_onnx_adapter,
     ),
 }
 

@@ -98,6 +98,11 @@ class AdapterFileError(CapaBoostError, ValueError):
     """An adapter file is damaged, of an unknown version, or does not fit the base model."""
 
 
+class AdapterMismatchError(AdapterFileError):
+    """An adapter does not fit the base it is served on (a multi-LoRA ONNX base): other
+    targets, other ranks or shapes. The message names the targets and the sizes."""
+
+
 class AdapterFileNotFoundError(CapaBoostError, FileNotFoundError):
     """An adapter file does not exist."""
 

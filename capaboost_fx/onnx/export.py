@@ -237,6 +237,11 @@ def export_onnx(
         rep.max_abs_diff < 1e-4, rep.op_histogram, rep.fusions
     """
     opts = ExportOptions.of(options, option_fields)
+    if opts.multi_lora:  # one base, adapters switched per run: its own module
+        from capaboost_fx.onnx.multi_lora import export_multi_lora
+
+        return export_multi_lora(module, path, example_inputs, example_kwargs,
+                                 dynamic_shapes=dynamic_shapes, options=opts)
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if getattr(module, "eager", False) is True and isinstance(module, FoldedModel):

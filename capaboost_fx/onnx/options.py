@@ -57,6 +57,9 @@ class ExportOptions:
         providers: onnxruntime providers for verification ("auto": CUDA when usable).
         timing_session: `open_session` keywords for timing the "fastest" candidates (the winner
             depends on threads and spinning: time them as you will serve).
+        multi_lora: export a training module as a multi-LoRA base: the unmerged model with
+            each target's rank-d·r adapter as overridable initializers, switched per run by
+            ``.onnx_adapter`` files (`capaboost_fx.onnx.multi_lora`, `save_onnx_adapter`).
     """
 
     optimize: str = "ort"
@@ -71,6 +74,7 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     providers: str | Sequence[str] = "auto"
     timing_session: Mapping[str, Any] | None = None
+    multi_lora: bool = False
 
     def __post_init__(self) -> None:
         optimize, quantize = check_options(self.optimize, self.quantize)
