@@ -58,7 +58,6 @@ from capaboost_fx.errors import (
     VerificationError,
 )
 from capaboost_fx.model import CapaBoostModel, require_training
-from capaboost_fx.passes.fold import adapters, fold
 
 __all__ = [
     "AdapterMismatchError",
@@ -92,8 +91,15 @@ def slot_names(target: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the factors
 
 
+def _inner(module: nn.Module) -> nn.Module:
+    """Your model's structure inside a training or deploy module (PEFT's ``get_base_model``)."""
+    if callable(getattr(type(module), "get_base_model", None)):
+        return module.get_base_model()
+    return module.base_model
+
+
 def _check_servable(tm: CapaBoostModel) -> dict[str, Any]:
-    ads = adapters(tm)
+    ads = tm.adapters()
     if not ads:
         raise TargetError("this training module has no adapters: nothing to serve per request")
     trainable = list(getattr(tm.spec, "trainable", None) or [])
@@ -228,9 +234,12 @@ def _placeholders(tensors: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def _serving_module(tm: CapaBoostModel, stand_ins: Mapping[str, torch.Tensor]) -> nn.Module:
     """Your model's structure with each target unmerged (its training module's W0, shared, never
     written) and wrapped in `_LoraLinear` holding the stand-in factors."""
-    structure = fold(tm).base_model  # module objects of its own; tensors shared, merged targets
-    shell = tm.base_model
-    for name, a in adapters(tm).items():
+    import capaboost_fx
+
+    # module objects of its own; tensors shared with the training module, targets merged
+    structure = _inner(capaboost_fx.fold(tm))
+    shell = _inner(tm)
+    for name, a in tm.adapters().items():
         w0 = shell.get_parameter(a.weight_fqn)
         if not isinstance(w0, torch.Tensor) or type(w0.data) is not torch.Tensor \
                 or not w0.is_floating_point():
@@ -444,7 +453,7 @@ def export_multi_lora(module: Any, path: str | os.PathLike, example_inputs: Any 
                               dynamic_shapes=dynamic_shapes,
                               options=_replace(opts, multi_lora=False, external_data=False))
         out = tmpdir / final.name
-        targets = sorted(adapters(tm))
+        targets = sorted(tm.adapters())
         _make_overridable(staged, out, tensors, stand_ins, targets)
         abs_d, rel_d = _compare(out, tm, args, kwargs, opts.rtol, opts.atol)
         data = out.parent / (final.name + ".data")
