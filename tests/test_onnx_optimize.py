@@ -58,17 +58,19 @@ def files(tmp_path_factory):
             if p.ndim == 2 and "embeddings" not in name:
                 p.add_(0.05 * torch.randn_like(p))
     reports = {
-        "fused": export_onnx(model, folder / "fused.onnx", example_kwargs=EXAMPLE),
+        "fused": export_onnx(model, folder / "fused.onnx", example_kwargs=EXAMPLE,
+                             optimize="ort"),
         "plain": export_onnx(model, folder / "plain.onnx", example_kwargs=EXAMPLE,
                              optimize="none"),
         "int8": export_onnx(model, folder / "int8.onnx", example_kwargs=EXAMPLE,
-                            quantize="int8"),
-        "other": export_onnx(other, folder / "other.onnx", example_kwargs=EXAMPLE),
+                            quantize="int8", optimize="ort"),
+        "other": export_onnx(other, folder / "other.onnx", example_kwargs=EXAMPLE,
+                             optimize="ort"),
     }
     return model, other, reports
 
 
-def test_default_export_is_fused_and_verified_with_and_without_ort_optimizations(files):
+def test_ort_export_is_fused_and_verified_with_and_without_ort_optimizations(files):
     _, _, reports = files
     rep = reports["fused"]
     assert rep.optimize == "ort" and rep.verified
@@ -216,7 +218,7 @@ def test_a_fused_graph_that_fails_verification_falls_back_to_the_plain_one(
     monkeypatch.setattr(export_module, "verify_onnx", fused_is_wrong)
     model = files[0]
     with pytest.warns(RuntimeWarning, match="falling back to the exporter's unfused graph"):
-        rep = export_onnx(model, tmp_path / "m.onnx", example_kwargs=EXAMPLE)
+        rep = export_onnx(model, tmp_path / "m.onnx", example_kwargs=EXAMPLE, optimize="ort")
     assert rep.optimize == "none" and rep.fusions == {} and rep.verified
     assert "com.microsoft.Attention" not in rep.op_histogram
     assert "boom" in rep.verify_notes[0]

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from capaboost_fx.errors import ExportError
-from capaboost_fx.onnx.exporters import eager_module, time_candidates
+from capaboost_fx.onnx.exporters import time_candidates
 from capaboost_fx.onnx.failure import export_failure
 from capaboost_fx.onnx.optimize import fuse_for_ort, quantize_int8, quiet_loggers
 from capaboost_fx.onnx.options import Candidate, ExampleCall, ExportOptions, use_external_data
 from capaboost_fx.onnx.runtime import open_session
-from capaboost_fx.onnx.shapes import axis_names, eval_mode
+from capaboost_fx.onnx.shapes import axis_names, eval_mode, specializations
 from capaboost_fx.onnx.translations import translation_table
 from capaboost_fx.onnx.verify import verify_onnx
 
@@ -78,10 +78,12 @@ def _static_numeric_dims(graph: Any) -> None:
 
 def _program(call: ExampleCall, opts: ExportOptions, what: str) -> Any:
     """``torch.onnx.export(dynamo=True)`` of the call: the ONNX program, its dims named."""
-    torchscript = eager_module(call.module) is not None
+    # export_onnx tries the TorchScript exporter itself when this one fails (export.PLAN), so
+    # the error's hint never sends the user to it.
+    torchscript = False
     # Size-oblivious: a batch of 1 in the example stays a dynamic dim (as torch.onnx does).
     oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=True)
-    with eval_mode(call.module), quiet():
+    with eval_mode(call.module), quiet(), specializations(call.specialized):
         with oblivious:
             source, dims = _traced(call, what, torchscript)
         try:
@@ -133,7 +135,7 @@ def dynamo_candidates(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
     plain = _save(program, tmpdir / "plain", final.name, external)
     _onnx_check(plain, final)
     out = [Candidate("none", plain)]
-    if opts.optimize in ("ort", "fastest"):
+    if opts.optimize in ("auto", "ort", "fastest"):
         try:
             with quiet():
                 program.model, fusions = fuse_for_ort(program.model)

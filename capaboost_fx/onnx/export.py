@@ -20,34 +20,54 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from capaboost_fx.errors import ExportError, InputError, VerificationError
+from capaboost_fx.errors import CapaBoostWarning, ExportError, InputError, VerificationError
 from capaboost_fx.model import CapaBoostModel, FoldedModel
 from capaboost_fx.onnx.candidates import check_candidate, choose, dynamo_candidates
-from capaboost_fx.onnx.exporters import DESCRIBE, torchscript_candidates
+from capaboost_fx.onnx.exporters import (
+    DESCRIBE,
+    eager_module,
+    folded_eager,
+    time_candidates,
+    torchscript_candidates,
+)
 from capaboost_fx.onnx.optimize import EXTERNAL_DATA_THRESHOLD
 from capaboost_fx.onnx.options import Candidate, ExampleCall, ExportOptions, example_call
+from capaboost_fx.onnx.runtime import FIXED_DIMS_KEY
+from capaboost_fx.onnx.shapes import (
+    BATCH,
+    SEQUENCE,
+    auto_dynamic_shapes,
+    fixed_dims_message,
+    serving_dims,
+)
 from capaboost_fx.onnx.stats import OnnxStats, external_locations, load_proto, onnx_stats
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportOptions", "ExportReport", "export_onnx"]
 
-# The exporters each `optimize` value tries, in order of preference. A pinned TorchScript
-# export runs without the dynamo exporter; the dynamo one is its fallback only when the
-# TorchScript graph cannot be made (no eager form) or fails its check.
-PLAN = {"ort": ("dynamo",), "none": ("dynamo",), "fastest": ("dynamo", "torchscript"),
+# The exporters each `optimize` value tries, in order of preference; the second runs only when
+# the first makes no graph that passes its check. A pinned TorchScript export runs without the
+# dynamo exporter. The TorchScript exporter is tried by export_onnx itself when the dynamo
+# exporter fails, so an error never sends the user to an option that was not tried.
+# "auto" (the default) puts first the exporter whose graph measured fastest (docs/deploy.md).
+PLAN = {"auto": ("torchscript", "dynamo"),
+        "ort": ("dynamo", "torchscript"), "none": ("dynamo", "torchscript"),
+        "fastest": ("dynamo", "torchscript"),
         "torchscript": ("torchscript", "dynamo"), "torchscript+ort": ("torchscript", "dynamo")}
 
 
@@ -82,6 +102,9 @@ class ExportReport:
     verified_levels: list[str] = field(default_factory=list)  # onnxruntime optimization levels
     within_tolerance: bool | None = None  # False only for quantized models (reported, not raised)
     argmax_agreement: dict[str, float] = field(default_factory=dict)
+    # Dims the file fixes though the PyTorch model runs at other sizes ({input: {dim: size}}):
+    # a request of another size is refused (warned at export; `open_session` says why).
+    fixed_dims: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,12 +170,62 @@ def _make(exporter: str, call: ExampleCall, opts: ExportOptions, tmpdir: Path, f
           plain: Path | None) -> list[Candidate]:
     if exporter == "dynamo":
         return dynamo_candidates(call, opts, tmpdir, final)
-    return torchscript_candidates(call, opts, tmpdir, final, plain)
+    if opts.optimize == "auto" and isinstance(call.module, CapaBoostModel):
+        call.notes.append("TorchScript exporter skipped: a training module (its masked "
+                          "adapters) is exported by the dynamo exporter")
+        return []
+    staged = torchscript_candidates(call, opts, tmpdir, final, plain)
+    staged = [c for c in staged if opts.optimize != "none" or c.kind == "torchscript"]
+    if opts.optimize == "auto" and len(staged) > 1:
+        staged = _fastest_first(staged, call, opts)
+    return staged
+
+
+def _fastest_first(staged: list[Candidate], call: ExampleCall,
+                   opts: ExportOptions) -> list[Candidate]:
+    """The graphs of one exporter, fastest first: timed at the example inputs (a few runs
+    each, side by side) before any is verified, so that only the one written is verified."""
+    try:
+        timings = time_candidates([(c.kind, c.path) for c in staged], call.args, call.kwargs,
+                                  opts.providers, opts.timing_session, runs=8)
+    except Exception as e:  # noqa: BLE001 - a graph that cannot run is for its check to say
+        call.notes.append(f"timing the TorchScript graphs failed ({type(e).__name__}); "
+                          "checked in order")
+        return staged
+    call.notes.append(f"auto: TorchScript graphs timed at the example (median ms): {timings}")
+    return sorted(staged, key=lambda c: timings[c.kind])
 
 
 def _fail(call: ExampleCall, final: Path, text: str) -> None:
     call.notes.append(text)
     warnings.warn(f"{final}: {text}", RuntimeWarning, stacklevel=4)
+
+
+def _all_failed(errors: list[Exception], call: ExampleCall) -> Exception:
+    """The error to raise when no graph passed: the last exporter failure that says where and
+    what to try (an `ExportError`), else the last failure; with what else was tried."""
+    at = max((i for i, e in enumerate(errors) if isinstance(e, ExportError)),
+             default=len(errors) - 1)
+    main = errors[at]
+
+    def line(e: Exception) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
+
+    skipped = [n[:240] for n in call.notes if n.startswith("TorchScript exporter skipped")]
+    before = [line(e) for e in errors[:at]]
+    after = [line(e) for e in errors[at + 1:]]
+    text = str(main)
+    if before:
+        text += f"\n  tried before: {'; '.join(before)}"
+    if after:
+        text += f"\n  then tried: {'; '.join(after)}"
+    if skipped:
+        text += f"\n  also tried: {'; '.join(skipped)}"
+    if text == str(main):
+        return main
+    out = type(main)(text)
+    out.__cause__ = main
+    return out
 
 
 def _make_and_check(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
@@ -182,18 +255,113 @@ def _make_and_check(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
                 errors.append(e)
                 nxt = (f"; falling back to {DESCRIBE[staged[i + 1].kind]}"
                        if i + 1 < len(staged) and opts.optimize != "fastest" else "")
-                _fail(call, final, f"the {c.kind!r} graph failed its check "
-                      f"({type(e).__name__}: {e}){nxt}")
+                text = f"the {c.kind!r} graph failed its check ({type(e).__name__}: {e}){nxt}"
+                if opts.optimize == "auto" and exporter == "torchscript":
+                    call.notes.append(text)  # "auto" tries the next exporter quietly
+                else:
+                    _fail(call, final, text)
     if not passed:
         if not errors:
             raise ExportError(f"no ONNX graph could be made for {final}: "
                               f"{'; '.join(call.notes)}")
-        if len(errors) > 1:  # say what was tried before the last failure
-            earlier = "; ".join(f"{type(e).__name__}: {str(e).splitlines()[0][:240]}"
-                                for e in errors[:-1])
-            raise type(errors[-1])(f"{errors[-1]}\n  tried before: {earlier}") from errors[-1]
-        raise errors[-1]
+        raise _all_failed(errors, call)
     return passed
+
+
+def _file_inputs(path: Path) -> list[tuple[str, list[Any]]]:
+    return [(i["name"], i["shape"]) for i in onnx_stats(path).inputs]
+
+
+def _fixed_dims(c: Candidate, call: ExampleCall) -> dict[str, dict[int, int]]:
+    return serving_dims(call.module, call.args, call.kwargs, _file_inputs(c.path))
+
+
+def _dynamic_axes(c: Candidate, fixed: dict[str, dict[int, int]]) -> dict[str, dict[int, str]]:
+    """The file's dynamic dims, and the ones it fixed, for the TorchScript exporter."""
+    axes = {n: {d: v for d, v in enumerate(shape) if isinstance(v, str)}
+            for n, shape in _file_inputs(c.path)}
+    for name, dims in fixed.items():
+        for d in dims:
+            axes.setdefault(name, {})[d] = BATCH if d == 0 else SEQUENCE
+    return axes
+
+
+def _alternatives(call: ExampleCall, opts: ExportOptions, tmpdir: Path, final: Path,
+                  c: Candidate, fixed: dict[str, dict[int, int]]) -> Iterator[Candidate]:
+    """Graphs that may keep the fixed dims dynamic, in order: the TorchScript exporter over
+    the eager module with those dims as dynamic axes, then the dynamo exporter over the eager
+    module (a folded module's base model) with ``Dim.AUTO``."""
+    eager = eager_module(call.module)
+    if eager is None:
+        call.notes.append("no eager form to re-export with dynamic dims (dense adapters, or "
+                          "an exported program)")
+        return
+    folder = tmpdir / "dynamic_ts"
+    folder.mkdir()
+    pinned = opts.optimize in ("none", "torchscript")
+    staged = torchscript_candidates(call, opts, folder, final, axes=_dynamic_axes(c, fixed))
+    yield from (s for s in staged if not pinned or s.kind == "torchscript")
+    if eager is not call.module:
+        sub = ExampleCall(eager, call.args, call.kwargs, call.reference, call.output_names,
+                          auto_dynamic_shapes(eager, call.args, call.kwargs),
+                          "auto (torch.export keeps what the model fixes)", call.notes,
+                          call.specialized)
+        folder = tmpdir / "dynamic_dynamo"
+        folder.mkdir()
+        try:
+            staged = dynamo_candidates(sub, opts, folder, final)
+        except ExportError as e:
+            call.notes.append(f"the dynamo exporter over the eager module failed: "
+                              f"{str(e).splitlines()[0]}")
+            return
+        yield from (s for s in staged if opts.optimize != "none" or s.kind == "none")
+
+
+def _serve_all_sizes(chosen: Candidate, call: ExampleCall, opts: ExportOptions, tmpdir: Path,
+                     final: Path) -> tuple[Candidate, dict[str, dict[int, int]]]:
+    """The chosen graph, or when it fixes a batch or sequence dim the model runs at other
+    sizes of, the first other exporter's graph that keeps that dim dynamic and verifies at
+    two sizes; with the dims still fixed ({} when none)."""
+    if call.shape_note == "user":  # the dims the user asked for, fixed ones included
+        return chosen, {}
+    fixed = _fixed_dims(chosen, call)
+    if not fixed:
+        return chosen, {}
+    call.notes.append(f"the {chosen.kind!r} graph fixes {fixed}, though the model runs at "
+                      "other sizes; trying other exporters")
+    same_trace: set[Path] = set()  # a trace that still fixes the dims: its other graphs do
+    for c in _alternatives(call, opts, tmpdir, final, chosen, fixed):
+        if c.path.parent.parent in same_trace:
+            continue
+        try:
+            c = check_candidate(c, call, opts, final)
+        except (ExportError, VerificationError) as e:
+            call.notes.append(f"the {c.kind!r} graph with dynamic dims failed its check: "
+                              f"{str(e).splitlines()[0][:240]}")
+            continue
+        left = _fixed_dims(c, call)
+        if not left:
+            call.notes.append(f"{DESCRIBE[c.kind]} ({c.kind!r}) keeps those dims dynamic "
+                              "and verifies at two sizes: written instead")
+            return c, {}
+        call.notes.append(f"the {c.kind!r} graph still fixes {left}")
+        same_trace.add(c.path.parent.parent)
+    return chosen, fixed
+
+
+def _record_fixed_dims(path: Path, fixed: dict[str, dict[int, int]], message: str) -> None:
+    """Write the fixed dims and what they mean into the file's metadata, where `open_session`
+    reads them to refuse another size with that message."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    entry = {"dims": {n: {str(d): v for d, v in dims.items()} for n, dims in fixed.items()},
+             "message": message}
+    keep = [p for p in model.metadata_props if p.key != FIXED_DIMS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.add(key=FIXED_DIMS_KEY, value=json.dumps(entry))
+    onnx.save(model, os.fspath(path))
 
 
 def export_onnx(
@@ -245,7 +413,7 @@ def export_onnx(
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if getattr(module, "eager", False) is True and isinstance(module, FoldedModel):
-        module = module.base_model  # the fold of an eager training module: your model itself
+        module = folded_eager(module)  # the fold of an eager training module: your model
     if isinstance(module, CapaBoostModel):
         warnings.warn(
             "export_onnx got a training module: its masked adapter subgraphs are exported as "
@@ -259,15 +427,28 @@ def export_onnx(
             passed = _make_and_check(call, opts, tmpdir, final)
             seconds = time.perf_counter() - start
             chosen, timings = choose(passed, call, opts)
-        if opts.optimize not in ("fastest", chosen.kind) and not (
+            first = chosen
+            chosen, fixed = _serve_all_sizes(chosen, call, opts, tmpdir, final)
+            seconds = time.perf_counter() - start
+        if chosen is not first:
+            _fail(call, final, f"the {first.kind!r} graph fixes a batch or sequence size the "
+                  f"model runs at others of; wrote {DESCRIBE[chosen.kind]} ({chosen.kind!r}), "
+                  "which keeps it dynamic and verifies at two sizes")
+        elif opts.optimize not in ("auto", "fastest", chosen.kind) and not (
                 opts.optimize == "ort" and chosen.kind == "none"):
             _fail(call, final, f"optimize={opts.optimize!r} could not be made; wrote "
                   f"{DESCRIBE[chosen.kind]} ({chosen.kind!r}); see report.verify_notes")
+        if fixed:
+            message = fixed_dims_message(str(final), fixed, call.specialized)
+            _record_fixed_dims(chosen.path, fixed, message)
+            call.notes.append(message)
+            warnings.warn(CapaBoostWarning(message), stacklevel=2)
         stats = onnx_stats(chosen.path)
         _commit(chosen.path.parent, final)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report = _report(final, stats, chosen, call, opts, seconds, timings)
+    report.fixed_dims = fixed
     logger.info("exported %s: %d nodes, %d initializers, max abs diff %s", final,
                 report.node_count, report.initializer_count, report.max_abs_diff)
     return report

@@ -44,8 +44,16 @@ from capaboost_fx.onnx.shapes import eval_mode, flat_outputs, flat_tensors
 from capaboost_fx.onnx.stats import onnx_stats
 from capaboost_fx.onnx.timing import measure_latency
 
-__all__ = ["eager_module", "ort_transformers", "time_candidates", "torchscript_candidates",
+__all__ = ["eager_module", "folded_eager", "ort_transformers", "time_candidates", "torchscript_candidates",
            "torchscript_export"]
+
+
+def folded_eager(module: FoldedModel) -> nn.Module:
+    """A folded module's eager model with merged weights: ``wrapped`` (your model's class),
+    or on cores before it, ``base_model`` (a Hugging Face model's own ``base_model`` is its
+    backbone, so ``wrapped`` is read first)."""
+    wrapped = module.__dict__.get("_modules", {}).get("wrapped")
+    return wrapped if wrapped is not None else module.base_model
 
 
 def eager_module(module: nn.Module) -> nn.Module | None:
@@ -54,7 +62,7 @@ def eager_module(module: nn.Module) -> nn.Module | None:
     if isinstance(module, FoldedModel):
         if getattr(module, "capaboost_dense", None) is not None:
             return None
-        return module.base_model
+        return folded_eager(module)
     if isinstance(module, torch.fx.GraphModule):  # torch.export(...).module(): ATen already
         return None
     return module
@@ -141,6 +149,33 @@ def torchscript_export(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {first}") \
                 from e
+        sizes: dict[int, set[str]] = {}
+        for name, t in zip(input_names, tensors, strict=False):
+            for d, axis in axes.get(name, {}).items():
+                sizes.setdefault(int(t.shape[d]), set()).add(axis)
+        outputs = flat(*tensors)
+    _name_output_axes(path, outputs, sizes)
+
+
+def _name_output_axes(path: Path, outputs: tuple[torch.Tensor, ...],
+                      sizes: dict[int, set[str]]) -> None:
+    """Name the TorchScript file's symbolic output dims (``Gemmlogits_dim_0``) as the dynamo
+    file does (``batch``, ``sequence``): a symbolic dim 0 or 1 whose example size is one input
+    axis's, and only that one's."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    changed = False
+    for out, t in zip(model.graph.output, outputs, strict=False):
+        for d, dim in enumerate(out.type.tensor_type.shape.dim):
+            if d > 1 or not dim.dim_param or d >= t.ndim:
+                continue
+            axis = sizes.get(int(t.shape[d]), set())
+            if len(axis) == 1:
+                dim.dim_param = next(iter(axis))
+                changed = True
+    if changed:
+        onnx.save(model, os.fspath(path))
 
 
 def ort_transformers(src: Path, dst: Path, module: nn.Module) -> dict[str, int] | None:
@@ -208,10 +243,12 @@ def _torchscript_axes(call: ExampleCall, names: list[str],
 
 
 def torchscript_candidates(call: ExampleCall, opts: ExportOptions, tmpdir: Path, final: Path,
-                           plain: Path | None = None) -> list[Candidate]:
+                           plain: Path | None = None,
+                           axes: dict[str, dict[int, str]] | None = None) -> list[Candidate]:
     """The TorchScript exporter's graph (and onnxruntime's transformer optimizer on it, unless
     `opts.optimize` pins the plain one); [] with a note when it cannot be made. It needs no
-    dynamo export: `plain`, the dynamo file, only lends its input dims when there is one."""
+    dynamo export: `plain`, the dynamo file, only lends its input dims when there is one;
+    `axes` (``{input: {dim: name}}``) names the dynamic dims outright."""
     eager = eager_module(call.module)
     why = ("the module has no eager form to trace (dense adapters, or an exported program)"
            if eager is None else
@@ -226,6 +263,7 @@ def torchscript_candidates(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
     try:
         with eval_mode(eager):
             torchscript_export(eager, call.args, call.kwargs, ts, names, call.output_names,
+                               axes if axes is not None else
                                _torchscript_axes(call, names, plain), opts.opset)
     except ExportError as e:
         call.notes.append(f"TorchScript exporter skipped: {e}")
@@ -248,7 +286,8 @@ def torchscript_candidates(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
 
 
 def time_candidates(passed: list[tuple[str, Path]], args: tuple, kwargs: dict, providers: Any,
-                    session: Mapping[str, Any] | None = None) -> dict[str, float]:
+                    session: Mapping[str, Any] | None = None,
+                    runs: int = 25) -> dict[str, float]:
     """Median latency (ms) of each verified graph at the example inputs, side by side, in
     sessions opened with `session` (`open_session` keywords: the serving configuration,
     since which graph wins depends on threads and spinning)."""
@@ -256,5 +295,5 @@ def time_candidates(passed: list[tuple[str, Path]], args: tuple, kwargs: dict, p
     options = {"providers": providers, **dict(session or {})}
     sessions = {kind: open_session(staged, **options) for kind, staged in passed}
     feeds = {k: dict(zip(s.input_names, feeds_list, strict=True)) for k, s in sessions.items()}
-    stats = measure_latency(sessions, feeds, runs=25, warmup=3)
+    stats = measure_latency(sessions, feeds, runs=runs, warmup=3 if runs >= 25 else 1)
     return {k: round(v.median_ms, 3) for k, v in stats.items()}

@@ -35,7 +35,7 @@ from capaboost_fx.onnx.stats import onnx_stats
 # message over 2 GiB; torch's exporter switches at the same 1.5 GiB to leave room for the graph.
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
-OPTIMIZE = ("ort", "none", "fastest", "torchscript", "torchscript+ort")
+OPTIMIZE = ("auto", "ort", "none", "fastest", "torchscript", "torchscript+ort")
 QUANTIZE = (None, "int8")
 
 __all__ = ["OPTIMIZE", "QUANTIZE", "fuse_for_ort", "quantize_int8"]

@@ -36,9 +36,15 @@ class ExportOptions:
     (``options=ExportOptions(...)``, e.g. shared by several exports).
 
     Attributes:
-        optimize: "ort" (default): onnxruntime's transformer fusions on the dynamo exporter's
-            graph, the plain graph written instead (with a warning) should the fused one fail
-            verification; "none": the exporter's graph; "fastest": the dynamo and the
+        optimize: "auto" (default): the graph measured fastest for its kind
+            (benchmarks/bench_default_export.py, docs/deploy.md): for a module with an eager form (your
+            model, a folded model's base), the TorchScript exporter's graph, plain or fused by
+            onnxruntime's transformer optimizer, whichever runs faster at the example (timed
+            before verifying: a few runs each), the first that verifies written; the dynamo
+            exporter's graph, fused, otherwise or when those fail; "ort": onnxruntime's
+            transformer fusions on the dynamo exporter's graph, the plain graph written
+            instead (with a warning) should the fused one fail verification; "none": the
+            exporter's graph; "fastest": the dynamo and the
             TorchScript exporters' graphs, each plain and fused, verified and timed side by
             side, the fastest written; "torchscript" / "torchscript+ort": the TorchScript
             exporter (``dynamo=False``) only, its graph plain or fused by
@@ -62,7 +68,7 @@ class ExportOptions:
             ``.onnx_adapter`` files (`capaboost_fx.onnx.multi_lora`, `save_onnx_adapter`).
     """
 
-    optimize: str = "ort"
+    optimize: str = "auto"
     quantize: str | None = None
     verify: bool = True
     rtol: float = DEFAULT_RTOL
@@ -111,6 +117,8 @@ class ExampleCall:
     dynamic_shapes: Any
     shape_note: str
     notes: list[str] = field(default_factory=list)
+    # (input name, dim) -> the model's line that fixed it, seen while torch.export traced
+    specialized: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def input_names(self, user: Sequence[str] | None) -> list[str]:
         return list(user) if user is not None else input_names_of(self.module, self.args,

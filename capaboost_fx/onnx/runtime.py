@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CPU",
     "CUDA",
+    "FIXED_DIMS_KEY",
     "Session",
     "cuda_usable",
     "open_session",
@@ -65,6 +67,8 @@ __all__ = [
 ]
 
 CPU = "CPUExecutionProvider"
+# The ONNX metadata key under which export_onnx records dims it could not keep dynamic.
+FIXED_DIMS_KEY = "capaboost_fx.fixed_dims"
 CUDA = "CUDAExecutionProvider"
 
 # Short names accepted for `providers`, besides full onnxruntime provider names.
@@ -180,6 +184,40 @@ class Session:
         """(name, onnxruntime type string, shape with symbolic dims as str/None) per input."""
         return [(i.name, i.type, list(i.shape)) for i in self.inner.get_inputs()]
 
+    def fixed_dims(self) -> dict[str, Any]:
+        """What `export_onnx` wrote into the file about dims it fixes though the model runs at
+        other sizes: ``{"dims": {input: {dim: size}}, "message": ...}``, or {}."""
+        meta = self.inner.get_modelmeta().custom_metadata_map or {}
+        text = meta.get(FIXED_DIMS_KEY)
+        if not text:
+            return {}
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {}
+
+    def check_feeds(self, feeds: Mapping[str, Any]) -> None:
+        """Raise `InputError` when a feed's rank or a size the file fixes does not fit, naming
+        the input and the dim (and, for a file `export_onnx` wrote, why the size is fixed and
+        what to do) instead of onnxruntime's INVALID_ARGUMENT."""
+        for name, _, shape in self.input_specs():
+            value = feeds.get(name)
+            got = getattr(value, "shape", None)
+            if got is None:
+                continue
+            if len(got) != len(shape):
+                raise InputError(f"{self.path}: input {name!r} has shape {list(got)}, the "
+                                 f"file takes rank {len(shape)} {shape}")
+            wrong = [(d, want, int(g)) for d, (want, g) in enumerate(zip(shape, got, strict=True))
+                     if isinstance(want, int) and want >= 0 and int(g) != want]
+            if wrong:
+                d, want, g = wrong[0]
+                why = self.fixed_dims().get("message") or (
+                    "the file fixes this size; export the model at the size you serve, pad "
+                    "requests to it, or export one file per size")
+                raise InputError(f"{self.path}: input {name!r} dim {d} is {g}, but the file "
+                                 f"accepts only {want} there (shape {shape}). {why}")
+
     def run(
         self, inputs: Mapping[str, Any] | Sequence[Any], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
@@ -207,6 +245,7 @@ class Session:
                     f"{len(self.input_names)}: {self.input_names}"
                 )
             feeds = {n: _to_numpy(v, n) for n, v in zip(self.input_names, values, strict=True)}
+        self.check_feeds(feeds)
         names = list(output_names) if output_names is not None else self.output_names
         results = self.inner.run(names, feeds)
         return dict(zip(names, results, strict=True))

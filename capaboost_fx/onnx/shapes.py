@@ -240,3 +240,114 @@ def axis_names(inputs: list[tuple[str, list[Any]]]) -> dict[str, str]:
                 sequences += 1
                 mapping[d] = SEQUENCE if sequences == 1 else f"{SEQUENCE}_{sequences}"
     return mapping
+
+
+# --- dims a file fixes that the model runs at (issue 31) -------------------------------------
+
+_SOURCE = re.compile(r"\['([^'\]]+)'\]\.size\(\)\[(\d+)\]$")
+
+
+def _user_frame() -> str | None:
+    """The innermost frame of the model's own code on the current stack (not torch's, not
+    ours, not the standard library's): ``file:line in function: source``."""
+    import linecache
+    import os
+    import sysconfig
+    import traceback
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    skip = (f"{os.sep}torch{os.sep}", f"{os.sep}capaboost_fx{os.sep}", f"{os.sep}numpy{os.sep}",
+            f"{os.sep}sympy{os.sep}", "<frozen", "<string>", "<eval")
+    found = None
+    for frame in traceback.extract_stack():
+        name = frame.filename
+        if any(s in name for s in skip) or (name.startswith(stdlib)
+                                             and "site-packages" not in name):
+            continue
+        found = frame
+    if found is None:
+        return None
+    code = (found.line or linecache.getline(found.filename, found.lineno or 0)).strip()
+    return f"{os.path.basename(found.filename)}:{found.lineno} in {found.name}: {code}"
+
+
+@contextlib.contextmanager
+def specializations(found: dict[tuple[str, int], str]) -> Iterator[None]:
+    """While a ``torch.export`` traces inside this block, record where the model's code fixed
+    an input dim to a constant: ``found[(input name, dim)] = "file:line in fn: code"``.
+    (torch.export's own ``replacements_slocs`` names only its framework frame.)"""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    original = ShapeEnv._set_replacement
+
+    def record(self: Any, a: Any, tgt: Any, msg: str) -> None:
+        try:
+            if getattr(tgt, "is_Integer", False) and a in self.var_to_sources:
+                for source in self.var_to_sources[a]:
+                    m = _SOURCE.search(source.name)
+                    if m and (m.group(1), int(m.group(2))) not in found:
+                        where = _user_frame()
+                        if where:
+                            found[(m.group(1), int(m.group(2)))] = where
+        except Exception:  # noqa: BLE001 - a diagnostic must never break the export
+            pass
+        return original(self, a, tgt, msg)
+
+    ShapeEnv._set_replacement = record
+    try:
+        yield
+    finally:
+        ShapeEnv._set_replacement = original
+
+
+def serving_dims(module: nn.Module, args: tuple, kwargs: dict,
+                 file_inputs: list[tuple[str, list[Any]]]) -> dict[str, dict[int, int]]:
+    """The batch and sequence dims (dims 0 and 1) the file at `file_inputs` (name, shape per
+    input, in `flat_tensors` order) fixes to a size while the PyTorch module runs at another:
+    ``{input name: {dim: size}}``. A dim the model itself fixes (an image's channels, a size
+    its weights set) is not reported: the module refuses the other size too.
+
+    Dims of one size are changed together (``input_ids`` and ``attention_mask`` share the
+    sequence), the batch across all inputs."""
+    tensors = flat_tensors(args, kwargs)
+    if len(tensors) != len(file_inputs):
+        return {}
+    groups: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    for slot, (t, (name, shape)) in enumerate(zip(tensors, file_inputs, strict=True)):
+        for dim in (0, 1):
+            if dim < t.ndim and dim < len(shape):
+                groups.setdefault((dim, int(t.shape[dim])), []).append((slot, name))
+    fixed: dict[str, dict[int, int]] = {}
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    slots = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    for (dim, size), members in groups.items():
+        static = [(s, n) for s, n in members if isinstance(file_inputs[s][1][dim], int)]
+        if not static:
+            continue
+        changed = list(flat)
+        for s, _ in members:
+            changed[slots[s]] = resize(tensors[s], {dim: new_size(size, dim == 0)})
+        a, k = pytree.tree_unflatten(changed, spec)
+        try:
+            with eval_mode(module), torch.no_grad():
+                module(*a, **k)
+        except Exception:  # noqa: BLE001 - the model refuses this size too: not the file's
+            continue
+        for _, name in static:
+            fixed.setdefault(name, {})[dim] = size
+    return fixed
+
+
+def fixed_dims_message(where: str, fixed: Mapping[str, Mapping[int, int]],
+                       lines: Mapping[tuple[str, int], str] | None = None) -> str:
+    """What `fixed` means for a user of the file at `where`, and what to do."""
+    parts = []
+    for name, dims in fixed.items():
+        for dim, size in dims.items():
+            what = "batch" if dim == 0 else "sequence" if dim == 1 else f"dim {dim}"
+            line = (lines or {}).get((name, dim))
+            parts.append(f"input {name!r} dim {dim} ({what}) is fixed at {size}"
+                         + (f" (fixed by the model's code at {line})" if line else ""))
+    return (f"{where} accepts only the example's size for some inputs, though the PyTorch "
+            f"model runs at others: {'; '.join(parts)}. No exporter made this dim dynamic. "
+            "Export at the size you serve, pad requests to it, or export one file per size.")

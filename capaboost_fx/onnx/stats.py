@@ -416,6 +416,8 @@ def _time_both(sessions: dict[str, Any], inputs: Mapping[str, Any] | None, batch
     inputs': an `InputError` saying how to pass ones the model accepts."""
     if inputs is not None:
         feeds = {key: dict(inputs) for key in sessions}
+        for key, session in sessions.items():  # a size a file fixes: said as such
+            session.check_feeds(feeds[key])
     else:
         feeds = {key: synthesize_inputs(s, batch_size=batch_size, seq_len=seq_len)
                  for key, s in sessions.items()}
