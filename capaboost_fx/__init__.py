@@ -12,7 +12,7 @@ from __future__ import annotations
 from ._version import __version__
 from .adapter import AdapterSite, CapaBoostAdapter
 from .analysis import rank_report
-from .api import InspectReport, inspect, transform
+from .api import InspectReport, inspect, load_adapter, save_adapter, transform
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
@@ -40,9 +40,11 @@ from .errors import (
     UncapturableError,
     VerificationError,
 )
-from .io import load_adapter, read_header, save_adapter
+from .executors import FoldPlan
+from .fold import adapters, delta_weights, fold, merged_state_dict
+from .io import read_header
 from .masks import mask_kinds, register_mask
-from .model import CapaBoostModel, CaptureInfo, FoldedModel, FoldPlan
+from .model import CapaBoostModel, CaptureInfo, FoldedModel
 from .onnx import (
     CompareReport,
     ExportOptions,
@@ -60,7 +62,6 @@ from .onnx.multi_lora import (
     read_onnx_adapter,
     save_onnx_adapter,
 )
-from .passes.fold import adapters, delta_weights, fold, merged_state_dict
 from .peft_export import to_peft_lora
 from .spec import Spec
 from .weights import load_base_weights

@@ -145,8 +145,12 @@ class CapaBoostAdapter(nn.Module):
                                            spec.seed, f"{self.name}/{g}", factor)
                                 for g in range(self.groups)])
 
-        self.register_buffer("mask_A", masks((self.rank, self.in_features), "A").to(device))
-        self.register_buffer("mask_B", masks((self.out_features, self.rank), "B").to(device))
+        # Not in state_dict: regenerated from the spec's seed (a checkpoint carries their
+        # checksums; adapter files store them bit-packed).
+        self.register_buffer("mask_A", masks((self.rank, self.in_features), "A").to(device),
+                             persistent=False)
+        self.register_buffer("mask_B", masks((self.out_features, self.rank), "B").to(device),
+                             persistent=False)
 
     def factors(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat: d·r × in, B_cat: out × d·r), the masked copies stacked. ``whole``: from
@@ -165,19 +169,22 @@ class CapaBoostAdapter(nn.Module):
             return None, None
         return self.bias_down.repeat(self.num_masks), self.bias_up * self.num_masks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The update for input `x`, in the dtype of `like` (the base op's output, which
+        ``torch.autocast`` may have computed in another dtype than x) or else x's."""
         if self.layout == "param":  # x is the stacked weight W itself: return ΔW
             if not self.enabled:
                 return torch.zeros_like(x)
             a_cat, b_cat = self.factors()
             return ((b_cat @ a_cat) * self.scaling).to(x.dtype)
+        dtype = (like if like is not None else x).dtype
         if not self.enabled:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+            return x.new_zeros(*x.shape[:-1], self.out_features, dtype=dtype)
         a_cat, b_cat = self.factors()
         b_down, b_up = self.biases()
         h = self.dropout(x).to(a_cat.dtype)
         out = F.linear(self.act(F.linear(h, a_cat, b_down)), b_cat, b_up)
-        return (out * self.scaling).to(x.dtype)
+        return (out * self.scaling).to(dtype)
 
     @property
     def linear(self) -> bool:
@@ -236,7 +243,44 @@ class DenseAdapter(nn.Module):
         self.up_bias = None if b_up is None else nn.Parameter(
             b_up.detach().clone(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         h = x.to(self.down.dtype)
         out = F.linear(self.act(F.linear(h, self.down, self.down_bias)), self.up, self.up_bias)
-        return (out * self.scaling).to(x.dtype)
+        return (out * self.scaling).to((like if like is not None else x).dtype)
+
+
+# ----------------------------------------------------------------------------- eager hooks
+
+
+def adapter_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of an eager target: ``y + s · B_cat A_cat x`` (parallel) or ``y + ΔM y``
+    (sequential), with the module's own `CapaBoostAdapter` child."""
+    a = module._modules.get("capaboost")
+    if a is None or not a.enabled:
+        return output
+    return output + a(output if a.sequential else args[0], output)
+
+
+def expert_pre_hook(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a module whose stacked (experts × out × in) parameter is an eager
+    target: for this call, its attribute reads ``W + ΔW`` (the module's code runs as it is,
+    whatever op reads the weight); `expert_post_hook` lifts it again. The parameter itself, the
+    state dict and a disabled adapter are untouched."""
+    for child, a in module._modules.items():
+        if not child.startswith("capaboost_") or not isinstance(a, CapaBoostAdapter):
+            continue
+        attr = child[len("capaboost_"):]
+        module.__dict__.pop(attr, None)  # a call that raised left its value behind
+        if a.enabled:
+            w = module._parameters[attr]
+            module.__dict__[attr] = w + a(w)
+
+
+def expert_post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    for child in module._modules:
+        if child.startswith("capaboost_"):
+            module.__dict__.pop(child[len("capaboost_"):], None)
+    return output
+
+
+ADAPTER_HOOKS = (adapter_hook, expert_post_hook)  # what structure_copy removes with adapters

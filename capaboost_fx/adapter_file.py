@@ -34,12 +34,14 @@ from .errors import (
     AdapterFileError,
     FileWriteError,
 )
-from .merge import weight_shape
+from .structure import weight_shape
 
 FORMAT = "capaboost_fx.adapter"
 FORMAT_VERSION = 1
-#: The file's name inside a ``save_pretrained`` directory (and in Trainer checkpoints).
+#: The file's name inside a ``save_pretrained`` directory.
 ADAPTER_FILE = "capaboost_adapter.safetensors"
+#: The ``state_dict`` entry (uint8 JSON) that carries `state_header` in Trainer checkpoints.
+HEADER_KEY = "capaboost_header"
 
 
 def _version() -> str:
@@ -160,22 +162,84 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return whole_tensor(t.detach()).cpu().contiguous()
 
 
+def _targets(tm: Any) -> dict[str, Any]:
+    out = {}
+    for name, a in tm.adapters().items():
+        shape = weight_shape(tm.wrapped, a.weight_fqn) if a.weight_fqn else None
+        out[name] = {"weight": a.weight_fqn, "weight_shape": shape, "output_of": a.output_of,
+                     "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
+                     "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
+    return out
+
+
+def state_header(tm: Any) -> dict[str, Any]:
+    """What a checkpoint of training module `tm` must agree with to be loaded into it: the
+    spec, the base fingerprint (target names and weight shapes), digests of the base weights
+    (taken now, from your storage: a sharded run keeps them) and the masks' checksums (masks
+    are regenerated from the spec's seed, not stored)."""
+    targets = _targets(tm)
+    base_weights = {}
+    for name, info in targets.items():
+        if info["weight"]:
+            digests = weight_digests(tm.wrapped.get_parameter(info["weight"]))
+            if digests is not None:
+                base_weights[name] = digests
+    masks = {n: _digest(torch.cat([_pack(_full(a.mask_A)), _pack(_full(a.mask_B))]))
+             for n, a in tm.adapters().items()}
+    header = {"format": FORMAT + ".state", "format_version": FORMAT_VERSION,
+              "library": _version(), "spec": tm.spec.to_dict(), "targets": targets,
+              "fingerprint": fingerprint(targets), "base_weights": base_weights,
+              "masks_sha256": masks}
+    return json.loads(json.dumps(header))
+
+
+def check_state_header(own: Mapping[str, Any], saved: Mapping[str, Any], wrapped: Any) -> None:
+    """Refuse a state (a Trainer checkpoint) whose header disagrees with this module's: another
+    spec, another base architecture or base weights, other masks."""
+    if saved.get("format") != own["format"]:
+        raise AdapterFileError(f"the state's capaboost_fx header has format "
+                               f"{saved.get('format')!r}, expected {own['format']!r}.")
+    diff = {k: (saved["spec"].get(k), v) for k, v in own["spec"].items()
+            if saved.get("spec", {}).get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: saved {a!r}, here {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise AdapterFileError(
+            f"this checkpoint was trained with another spec ({shown}). Load it with "
+            "capaboost_fx.load_adapter(model, checkpoint_dir, ...), which rebuilds the "
+            "training module from the checkpoint's own spec.")
+    if saved.get("fingerprint") != own["fingerprint"]:
+        raise AdapterFileError(
+            "this checkpoint was trained on another base architecture (its targets or their "
+            f"weight shapes differ: {sorted(saved.get('targets', {}))[:4]} vs "
+            f"{sorted(own['targets'])[:4]}); load it onto the model it was trained on.")
+    other = [n for n, d in saved.get("base_weights", {}).items()
+             if own["targets"].get(n, {}).get("weight")
+             and _weight_matches(d, wrapped.get_parameter(own["targets"][n]["weight"])) is False]
+    if other:
+        raise AdapterFileError(
+            f"this checkpoint was trained on other base weights (targets {other[:3]} differ "
+            "from the ones saved with it); load it onto the model it was trained on.")
+    masks = [n for n, d in saved.get("masks_sha256", {}).items()
+             if own["masks_sha256"].get(n) != d]
+    if masks:
+        raise AdapterFileError(
+            f"the masks regenerated here for {masks[:3]} differ from the ones the checkpoint "
+            "was trained with (another torch version or mask kind registration?); save with "
+            "capaboost_fx.save_adapter, which stores the masks themselves.")
+
+
 def adapter_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """(tensors to write, per-target info, ``spec.trainable`` names) of a training module:
     the adapters' A and B (and biases), their masks bit-packed, the trainable tensors."""
-    base = tm.base_model
+    base = tm.wrapped
     named: dict[str, CapaBoostAdapter] = tm.adapters()
     tensors: dict[str, torch.Tensor] = {}
-    targets: dict[str, Any] = {}
+    targets = _targets(tm)
     for name, a in named.items():
-        shape = weight_shape(base, a.weight_fqn) if a.weight_fqn else None
         for attr, _ in a.named_parameters():  # A, B (and a sequential adapter's biases)
             tensors[f"adapter.{name}.{attr}"] = _full(getattr(a, attr))
         tensors[f"adapter.{name}.mask_A"] = _pack(_full(a.mask_A))
         tensors[f"adapter.{name}.mask_B"] = _pack(_full(a.mask_B))
-        targets[name] = {"weight": a.weight_fqn, "weight_shape": shape, "output_of": a.output_of,
-                         "layout": a.layout, "A": list(a.A.shape), "B": list(a.B.shape),
-                         "mask_A": list(a.mask_A.shape), "mask_B": list(a.mask_B.shape)}
     # spec.trainable parameters: those still trainable besides the adapters' own A and B
     # (which may live inside the base module tree).
     own = {id(p) for a in named.values() for p in a.parameters()}
@@ -186,9 +250,10 @@ def adapter_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], l
 
 
 def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool | None = None) -> Path:
-    """Write the adapter file of training module `tm` (see the module docstring). Every rank
-    of a distributed run must call it (sharded tensors are gathered); only `main_process`
-    writes (default: rank 0, or the only process)."""
+    """Write the adapter file of training module `tm` (see the module docstring). After
+    per-block FSDP2 this is a collective: every rank must call it (sharded tensors are
+    gathered); only `main_process` writes (default: rank 0, or the only process). The base
+    weights' digests are the ones taken at transform (before any sharding)."""
     from safetensors.torch import save_file
 
     if main_process is None:
@@ -197,14 +262,9 @@ def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool | None = 
     tensors, targets, trainable = adapter_tensors(tm)
     if not main_process:
         return Path(path)
-    base = tm.base_model
-    base_weights = {}
-    for name, info in targets.items():
-        # No weight (after a module's output), or a trained one saved whole: nothing to compare.
-        if info["weight"] and info["weight"] not in trainable:
-            digests = weight_digests(base.get_parameter(info["weight"]))
-            if digests is not None:
-                base_weights[name] = digests
+    # No weight (after a module's output), or a trained one saved whole: nothing to compare.
+    base_weights = {n: d for n, d in tm.header["base_weights"].items()
+                    if targets[n]["weight"] not in trainable}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library": _version(),
               "spec": tm.spec.to_dict(), "targets": targets, "trainable": trainable,
               "fingerprint": fingerprint(targets), "base_weights": base_weights,

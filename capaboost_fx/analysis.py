@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .passes.fold import adapters
+from .model import require_training
 
 
 def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str, Any]]:
@@ -22,7 +22,7 @@ def rank_report(train_model: Any, top: int | None = None) -> dict[str, dict[str,
         report["bert.encoder.layer.0.attention.self.query"]  # {'rank': 32, 'max_rank': 32, ...}
     """
     out = {}
-    for name, a in adapters(train_model).items():
+    for name, a in require_training(train_model, "rank_report()").adapters().items():
         if not a.linear:  # a nonlinear parallel adapter has no ΔW
             continue
         dw = a.delta_weight(torch.float64).cpu()

@@ -3,18 +3,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapter import AdapterSite, CapaBoostAdapter
+from .adapter_file import HEADER_KEY, write_adapter
 from .errors import (
+    AdapterFileError,
     AlreadyTransformedError,
+    CapaBoostError,
     CapaBoostWarning,
     CaptureError,
     InputError,
@@ -23,9 +29,18 @@ from .errors import (
     TargetNotFoundError,
     close_names,
 )
-from .merge import cache_users
-from .model import CapaBoostModel, CaptureInfo, GraphProgram
-from .passes.blocks import auto_blocks, install_blocks, modules_matching, plan_blocks
+from .executors import EagerExecutor, GraphExecutor, install_blocks, install_graph
+from .io import (
+    adapter_path,
+    as_path,
+    check_base,
+    check_targets,
+    copy_tensors,
+    read_header,
+    trainer_checkpoint,
+)
+from .model import CapaBoostModel, CaptureInfo, FoldedModel, require_training
+from .passes.blocks import auto_blocks, modules_matching, plan_blocks
 from .passes.capture import (
     Captured,
     UncapturableError,
@@ -45,12 +60,9 @@ from .passes.match import (
     module_candidates,
     module_targets,
     select,
-    sites_for,
 )
-from .passes.rewrite import rewrite
-from .passes.split import split_blocks
 from .spec import Spec, pattern_matches
-from .variant import Variant, copy_graph
+from .variant import Variant
 
 
 def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
@@ -72,7 +84,7 @@ def _inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tu
 
 def _check_call(model: Any, spec: Any, capture: Any, modes: Any = None) -> None:
     """Arguments of `transform` and of `inspect` (which takes spec=None and no modes)."""
-    if isinstance(model, GraphProgram):
+    if isinstance(model, (CapaBoostModel, FoldedModel)):
         raise AlreadyTransformedError(
             f"got a {type(model).__name__}, which capaboost_fx already produced; transform the "
             "original model instead (or fold() this one first and use its .base_model)."
@@ -131,77 +143,6 @@ def _freeze(shell: nn.Module, trainable: list[str]) -> list[str]:
                     replace_tensor(shell, p, own)
             opened.append(n)
     return opened
-
-
-def _privatize_mutated(tm: CapaBoostModel, captured: Captured) -> None:
-    """Buffers the graph writes (batch-norm statistics) get private copies: training must not
-    write into the caller's model. Their names join ``tm.private_buffers``."""
-    shell = tm.base_model
-    for fqn in captured.mutated_buffers:
-        owner, _, attr = fqn.rpartition(".")
-        module = shell.get_submodule(owner) if owner else shell
-        old = module._buffers.get(attr)
-        if old is not None and fqn not in tm.private_buffers:
-            new = old.clone()
-            replace_tensor(shell, old, new)
-            tm.private_buffers.update(
-                n for n, b in shell.named_buffers(remove_duplicate=False) if b is new)
-
-
-# ----------------------------------------------------------------------------- variants
-
-
-def _add_graph(tm: CapaBoostModel, variant: Variant, captured: Captured) -> None:
-    """Rewrite, split and install one captured graph into `variant` of `tm`."""
-    mode, graph = captured.mode, captured.graph
-    adapters = tm.adapters()
-    targets, missing = sites_for(graph, mode, tm._twin,
-                                 {n: a.output_of for n, a in adapters.items()})
-    if missing:
-        name, why = next(iter(missing.items()))
-        raise CaptureError(
-            f"target {name!r} cannot be found in the graph captured in {mode} mode for this "
-            f"call ({why}); the model computes it differently here, so its adapter cannot apply."
-        )
-    sequential = frozenset(n for n, a in adapters.items() if a.sequential)
-    changed = rewrite(graph, targets, mode, sequential)
-    if variant.key == 0:
-        tm.capture_info.sites[mode] = len(changed)
-    variant.flat[mode] = copy_graph(graph, variant.in_spec, variant.out_spec)
-    plan = tm.capture_info.blocks
-    split = split_blocks(graph, plan, variant.key)
-    blocks = tm.planned_blocks()
-    for b, g in split.blocks.items():
-        blocks[b].add_graph(variant.key, mode, g)
-    refused_explicit = {b: w for b, w in split.refused.items()
-                        if b in tm.capture_info.explicit_blocks}
-    if refused_explicit:
-        raise CaptureError(
-            f"cannot make {sorted(refused_explicit)[:3]} blocks: {refused_explicit}. Name "
-            "modules that are called once per forward (e.g. 'model.layers.*')."
-        )
-    tm.capture_info.refused_blocks.update(split.refused)
-    for k, v in captured.constants.items():
-        tm.capaboost_constants.register_buffer(k, v, persistent=False)
-    _privatize_mutated(tm, captured)
-    variant.graphs[mode] = split.root
-
-
-def _build_variant(tm: CapaBoostModel, mode: str, args: tuple, kwargs: dict,
-                   variant: Variant | None) -> Variant:
-    """Capture what a call needs and is missing (a new argument structure, or the other mode)."""
-    key = len(tm._variants) if variant is None else variant.key
-    t0 = time.perf_counter()
-    captured = capture_graph(tm._twin, mode, args, kwargs, None, tag=f"v{key}_", warn=False)
-    if variant is None:
-        variant = Variant(key, captured.in_spec, captured.out_spec,
-                          example=(to_meta(tuple(args)), to_meta(dict(kwargs))),
-                          bound=captured.bound, fixed=captured.fixed)
-    _add_graph(tm, variant, captured)
-    tm.capture_info.later_captures.append(
-        {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
-         "seconds": round(time.perf_counter() - t0, 3), "fixed_sizes": variant.fixed_names()})
-    return variant
 
 
 CAPTURE_CHOICES = ("auto", "graph", "eager")
@@ -273,8 +214,24 @@ def transform(
     return _transform_eager(model, spec, reason, blocks, checkpoint)
 
 
+def check_quantized_base(model: nn.Module) -> None:
+    """A base quantized by transformers must use a method that can train under adapters
+    (transformers' ``hf_quantizer.is_trainable``): the check the HF Trainer makes of a
+    PEFT model, made here where the error can say what to do."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(model, "is_quantized", False) and quantizer is not None and not getattr(
+            quantizer, "is_trainable", True):
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        raise SpecError(
+            f"the model is quantized with {method}, which transformers says cannot train "
+            "(hf_quantizer.is_trainable is False): adapters on top of it would get no "
+            "gradient path. Load it with a trainable quantization (bitsandbytes 4-bit/8-bit, "
+            "torchao) or unquantized.")
+
+
 def _eager_reason_before_capture(model: nn.Module, capture: str) -> str | None:
     """Why the eager path is taken without trying a capture (None: try the graph path)."""
+    check_quantized_base(model)
     quantized = quantized_weights(model) if capture != "eager" else []
     if quantized:
         reason = (f"{len(quantized)} weights are stored quantized (e.g. {quantized[0]}: "
@@ -331,12 +288,11 @@ def _transform_eager(model: nn.Module, spec: Spec, reason: str, blocks: Any, che
     names = auto_blocks(shell)
     info = CaptureInfo("eager", list(selection.targets),
                        {n: r.message for n, r in selection.skipped.items()}, trainable, names,
-                       eager_reason=reason, cache_users=cache_users(model))
+                       eager_reason=reason)
     shell.train(model.training)
-    tm = CapaBoostModel(shell, {}, spec, info, None, eager=True)
+    tm = CapaBoostModel(shell, spec, info, EagerExecutor(names))
     if checkpoint:
         tm.gradient_checkpointing_enable()
-        info.checkpointed = names
     tm.train(model.training)
     info.transform_seconds = round(time.perf_counter() - t0, 3)
     return tm
@@ -367,29 +323,109 @@ def _transform_graph(model: nn.Module, spec: Spec, example_inputs: Any,
                        {n: r.message for n, r in selection.skipped.items()}, trainable, split,
                        explicit_blocks=sorted(explicit), checkpointed=sorted(ck),
                        export_seconds=round(captured.seconds, 3),
-                       dynamic_ranges=dict(captured.range_constraints),
-                       cache_users=cache_users(model))
+                       dynamic_ranges=dict(captured.range_constraints))
     shell.train(model.training)
-    tm = CapaBoostModel(shell, {}, spec, info, twin, build=_build_variant)
+    tm = CapaBoostModel(shell, spec, info, GraphExecutor(twin))
     variant = Variant(0, captured.in_spec, captured.out_spec,
                       example=(to_meta(tuple(args)), to_meta(dict(kwargs))), bound=captured.bound,
                       fixed=captured.fixed)
-    _add_graph(tm, variant, captured)
-    tm._add_variant(variant)
+    install_graph(tm, variant, captured)
+    tm.executor.add_variant(variant)
     if "eval" in modes:
-        tm.variant_for(args, kwargs, "eval")
+        tm.executor.ensure(tm, args, kwargs, "eval")
         during = info.later_captures  # made inside transform: part of its cost
         info.export_seconds = round(
             info.export_seconds + sum(c["export_seconds"] for c in during), 3)
         info.later_captures = []
     for name, block in tm.blocks().items():
         block.checkpoint = name in ck
+    info.checkpointed = sorted(n for n, b in tm.blocks().items() if b.checkpoint)
     lost = sorted(b for b in ck if b in info.refused_blocks)
     if lost:
-        warnings.warn(f"cannot checkpoint {lost}: {info.refused_blocks[lost[0]]}",
-                      stacklevel=2)
+        warnings.warn(CapaBoostWarning(f"cannot checkpoint {lost}: "
+                                       f"{info.refused_blocks[lost[0]]}"), stacklevel=2)
     tm.train(model.training)
     info.transform_seconds = round(time.perf_counter() - t0, 3)
+    return tm
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
+    """Write the adapters (and ``spec.trainable`` parameters) of a training module to one
+    ``.safetensors`` file (``train_model.save_pretrained(dir)`` writes the same file into a
+    directory). After per-block FSDP2 this is a collective: every rank calls it (sharded
+    tensors are gathered), rank 0 writes.
+
+    Example:
+        >>> cbx.save_adapter(train_model, "adapter.safetensors")     # doctest: +SKIP
+    """
+    tm = require_training(train_model, "save_adapter()")
+    return write_adapter(tm, as_path(path, "save_adapter()"))
+
+
+def load_adapter(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    *,
+    capture: str = "auto",
+) -> Any:
+    """Rebuild the training module on `model` (never changed) from an adapter file
+    (``save_adapter``'s ``.safetensors``), or from a directory that
+    ``train_model.save_pretrained(dir)`` or a Trainer checkpoint wrote: the module
+    `transform` would return, with the file's spec and trained values (train on, `fold`, or
+    `generate`). ``capture`` as in `capaboost_fx.transform`.
+
+    Example:
+        >>> tm = cbx.load_adapter(model, "adapter.safetensors", example_inputs=(ids,))  # doctest: +SKIP
+        >>> tm = cbx.load_adapter(model, "out/checkpoint-100", example_inputs=(ids,))  # doctest: +SKIP
+    """
+
+    checkpoint = trainer_checkpoint(path)
+    if checkpoint is not None:
+        return _load_checkpoint(model, checkpoint, example_inputs, example_kwargs,
+                                dynamic_shapes, capture)
+    path = adapter_path(path)
+    header = read_header(path)
+    try:
+        spec = Spec.from_dict(header["spec"])
+    except CapaBoostError as e:
+        raise AdapterFileError(f"{str(path)!r} holds an invalid spec: {e}") from None
+    check_base(model, header, path)
+    tm = transform(model, spec, example_inputs, example_kwargs, dynamic_shapes, capture=capture)
+    check_targets(tm, header["targets"], path)
+    copy_tensors(tm, header, path)
+    return tm
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path, example_inputs: Any,
+                     example_kwargs: Mapping[str, Any] | None, dynamic_shapes: Any,
+                     capture: str) -> Any:
+    """A Trainer checkpoint (the training module's ``state_dict``: adapters, trainable
+    tensors, the header with spec, base fingerprint and mask checksums) -> training module."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+        header = json.loads(bytes(state[HEADER_KEY].tolist()).decode())
+        spec = Spec.from_dict(header["spec"])
+    except CapaBoostError as e:
+        raise AdapterFileError(f"{str(path)!r} holds an invalid spec: {e}") from None
+    except Exception as e:
+        raise AdapterFileError(
+            f"{str(path)!r} is not a readable checkpoint of a training module (truncated or "
+            f"damaged?): {type(e).__name__}: {e}.") from None
+    check_base(model, {**header, "trainable": []}, path)
+    tm = transform(model, spec, example_inputs, example_kwargs, dynamic_shapes, capture=capture)
+    result = tm.load_state_dict(state)  # checks the header: spec, base, masks
+    if result.missing_keys or result.unexpected_keys:
+        raise AdapterFileError(
+            f"{str(path)!r} does not fit the training module rebuilt from its own spec: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}.")
     return tm
 
 

@@ -16,12 +16,12 @@ from .adapter_file import (
     ADAPTER_FILE,
     FORMAT,
     FORMAT_VERSION,
+    HEADER_KEY,
     _digest,
     _header_digest,
     _unpack,
     _version,
     _weight_matches,
-    write_adapter,
 )
 from .errors import (
     AdapterFileError,
@@ -31,26 +31,10 @@ from .errors import (
     SpecTypeError,
     close_names,
 )
-from .merge import weight_shape
-from .model import require_training
-from .passes.capture import BASE
-from .passes.fold import adapters
-from .spec import Spec
+from .structure import weight_shape
 
 
-def save_adapter(train_model: Any, path: str | os.PathLike) -> Path:
-    """Write the adapters (and ``spec.trainable`` parameters) of a training module to one
-    ``.safetensors`` file (``train_model.save_pretrained(dir)`` writes the same file into a
-    directory).
-
-    Example:
-        >>> cbx.save_adapter(train_model, "adapter.safetensors")     # doctest: +SKIP
-    """
-    tm = require_training(train_model, "save_adapter()")
-    return write_adapter(tm, _as_path(path, "save_adapter()"))
-
-
-def _as_path(path: Any, what: str) -> Path:
+def as_path(path: Any, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise SpecTypeError(f"{what} needs a file path (str or os.PathLike), got "
                             f"{type(path).__name__}.")
@@ -59,7 +43,7 @@ def _as_path(path: Any, what: str) -> Path:
 
 def adapter_path(path: str | os.PathLike) -> Path:
     """`path`, or the adapter file inside it when it is a ``save_pretrained`` directory."""
-    path = _as_path(path, "an adapter file")
+    path = as_path(path, "an adapter file")
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
         return path / ADAPTER_FILE
     return path
@@ -141,46 +125,34 @@ def _check_header_digest(header: dict[str, Any], path: Path) -> None:
         )
 
 
-def load_adapter(
-    model: torch.nn.Module,
-    path: str | os.PathLike,
-    example_inputs: Any = (),
-    example_kwargs: Mapping[str, Any] | None = None,
-    dynamic_shapes: Any = None,
-    *,
-    capture: str = "auto",
-) -> Any:
-    """Rebuild the training module on `model` (never changed) from an adapter file
-    (``save_adapter``'s ``.safetensors``), or from a directory that
-    ``train_model.save_pretrained(dir)`` or a Trainer checkpoint wrote: the module
-    `transform` would return, with the file's spec and trained values (train on, `fold`, or
-    `generate`). ``capture`` as in `capaboost_fx.transform`.
+#: The file the HF Trainer writes a module's ``state_dict`` to in each checkpoint.
+TRAINER_FILE = "model.safetensors"
 
-    Example:
-        >>> tm = cbx.load_adapter(model, "adapter.safetensors", example_inputs=(ids,))  # doctest: +SKIP
-        >>> tm = cbx.load_adapter(model, "out/checkpoint-100", example_inputs=(ids,))  # doctest: +SKIP
-    """
 
-    from .api import transform
+def trainer_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The ``model.safetensors`` of a Trainer checkpoint of a training module (a directory
+    holding one with a capaboost_fx header, or that file itself), else None."""
+    from safetensors import safe_open
 
-    path = adapter_path(path)
-    header = read_header(path)
+    path = as_path(path, "an adapter file")
+    if path.is_dir():
+        if (path / ADAPTER_FILE).is_file():
+            return None
+        path = path / TRAINER_FILE
+    if not path.is_file() or path.suffix != ".safetensors":
+        return None
     try:
-        spec = Spec.from_dict(header["spec"])
-    except CapaBoostError as e:
-        raise AdapterFileError(f"{str(path)!r} holds an invalid spec: {e}") from None
-    _check_base(model, header, path)
-    tm = transform(model, spec, example_inputs, example_kwargs, dynamic_shapes, capture=capture)
-    _check_targets(tm, header["targets"], path)
-    _copy_tensors(tm, header, path)
-    return tm
+        with safe_open(str(path), framework="pt") as f:
+            return path if HEADER_KEY in f.keys() else None
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: read_header says why
+        return None
 
 
-def _check_targets(tm: Any, saved: dict[str, Any], path: Path) -> None:
+def check_targets(tm: Any, saved: dict[str, Any], path: Path) -> None:
     """The file's targets and weight shapes are this training module's."""
-    base = getattr(tm, BASE)
+    base = tm.wrapped
     ours = {}
-    for name, a in adapters(tm).items():
+    for name, a in tm.adapters().items():
         ours[name] = {"weight": a.weight_fqn, "weight_shape": weight_shape(
             base, a.weight_fqn) if a.weight_fqn else None}
     if set(saved) != set(ours) or any(
@@ -198,16 +170,16 @@ def _check_targets(tm: Any, saved: dict[str, Any], path: Path) -> None:
         )
 
 
-def _copy_tensors(tm: Any, header: dict[str, Any], path: Path) -> None:
+def copy_tensors(tm: Any, header: dict[str, Any], path: Path) -> None:
     """The file's adapter tensors, masks and trainable tensors into `tm`, each checksummed."""
     from safetensors import safe_open
 
-    base, saved = getattr(tm, BASE), header["targets"]
+    base, saved = tm.wrapped, header["targets"]
     try:
         with safe_open(str(path), framework="pt") as raw, torch.no_grad():
             f = _Verified(raw, header["sha256"], path)
             keys = set(raw.keys())
-            for name, a in adapters(tm).items():
+            for name, a in tm.adapters().items():
                 info = saved[name]
                 for attr, _ in a.named_parameters():
                     t = f.get_tensor(f"adapter.{name}.{attr}")
@@ -228,7 +200,7 @@ def _copy_tensors(tm: Any, header: dict[str, Any], path: Path) -> None:
         ) from None
 
 
-def _check_base(model: Any, header: Mapping[str, Any], path: Any) -> None:
+def check_base(model: Any, header: Mapping[str, Any], path: Any) -> None:
     """Before any capture: the file's targets and trainable tensors must exist in `model` with
     the saved shapes (else it was saved for another model); warn when the targeted base
     weights hold other values than at save time."""

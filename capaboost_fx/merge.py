@@ -9,42 +9,26 @@ W0 (a tensor subclass such as torchao's NF4 or int8 weights, or a module such as
 applies (`dense_weight`), and the merged result is dense.
 
 `structure_copy` builds your model's eager structure over given tensors without copying the
-rest: `fold` uses it for the deploy module, ``generate`` for a generation view whose targets
-hold merged weights (cached until the adapters change), ``disable_adapter`` for a view of the
-base model. This module sits below `model` so that the training module can use it.
+rest (and sharing your model's config objects): `fold` uses it for the deploy module, the graph
+executor for a generation view whose targets hold merged weights (cached until the adapters
+change).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter import CapaBoostAdapter, whole_tensor
+from .adapter import ADAPTER_HOOKS, CapaBoostAdapter, expert_pre_hook, whole_tensor
 from .errors import FoldError
+from .structure import config_objects, is_quantized, owner_of
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
-def is_quantized(t: Any) -> bool:
-    """A weight stored in a form other than a dense float tensor (a tensor subclass that is
-    neither ``nn.Parameter`` nor a distributed ``DTensor``, or a packed integer weight)."""
-    if not isinstance(t, torch.Tensor):
-        return False
-    cls = type(t)
-    if cls in (torch.Tensor, nn.Parameter) or cls.__name__ in ("DTensor", "FakeTensor",
-                                                               "FunctionalTensor"):
-        return False
-    if issubclass(cls, nn.Parameter) and t.is_floating_point():
-        # nn.Parameter subclasses over a plain float tensor are dense unless they carry
-        # quantization state (bitsandbytes keeps it beside the data)
-        return getattr(t, "quant_state", None) is not None or getattr(t, "SCB", None) is not None
-    return True
 
 
 def dense_weight(module: nn.Module | None, weight: torch.Tensor, layout: str = "out_in",
@@ -97,21 +81,6 @@ def foldable(a: CapaBoostAdapter) -> bool:
     """Folds into the model's own weights: LoRA-like adapters, and sequential adapters with an
     identity activation after an op that adds a bias (W' = (I+M)W, b' = (I+M)b + c)."""
     return a.linear or (a.sequential and a.activation == "identity" and a.bias_fqn is not None)
-
-
-def owner_of(base: nn.Module, fqn: str) -> nn.Module:
-    owner = fqn.rpartition(".")[0]
-    return base.get_submodule(owner) if owner else base
-
-
-def weight_shape(model: nn.Module, fqn: str) -> list[int]:
-    """A weight's logical shape as stored (a packed quantized weight reports its module's
-    out × in, since the packed shape says nothing about the model)."""
-    w = model.get_parameter(fqn)
-    owner = owner_of(model, fqn)
-    if is_quantized(w) and isinstance(getattr(owner, "in_features", None), int):
-        return [owner.out_features, owner.in_features]
-    return list(w.shape)
 
 
 def base_weight(base: nn.Module, a: CapaBoostAdapter, dtype: torch.dtype) -> torch.Tensor:
@@ -180,40 +149,6 @@ def merged_weights(base: nn.Module, adapters: Mapping[str, CapaBoostAdapter]
     return out
 
 
-def adapter_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-    """Forward hook of an eager target: ``y + s · B_cat A_cat x`` (parallel) or ``y + ΔM y``
-    (sequential), with the module's own `CapaBoostAdapter` child."""
-    a = module._modules.get("capaboost")
-    if a is None or not a.enabled:
-        return output
-    return output + a(output if a.sequential else args[0])
-
-
-def expert_pre_hook(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a module whose stacked (experts × out × in) parameter is an eager
-    target: for this call, its attribute reads ``W + ΔW`` (the module's code runs as it is,
-    whatever op reads the weight); `expert_post_hook` lifts it again. The parameter itself, the
-    state dict and a disabled adapter are untouched."""
-    for child, a in module._modules.items():
-        if not child.startswith("capaboost_") or not isinstance(a, CapaBoostAdapter):
-            continue
-        attr = child[len("capaboost_"):]
-        module.__dict__.pop(attr, None)  # a call that raised left its value behind
-        if a.enabled:
-            w = module._parameters[attr]
-            module.__dict__[attr] = w + a(w)
-
-
-def expert_post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-    for child in module._modules:
-        if child.startswith("capaboost_"):
-            module.__dict__.pop(child[len("capaboost_"):], None)
-    return output
-
-
-ADAPTER_HOOKS = (adapter_hook, expert_post_hook)  # what structure_copy removes with adapters
-
-
 def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A dense ``nn.Linear`` holding `weight` (out × in) and the module's bias: what a
     quantized linear becomes once merged."""
@@ -226,22 +161,6 @@ def _plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
-def cache_users(model: nn.Module) -> list[str]:
-    """The modules whose ``config.use_cache`` is on: what training switches off (decoder
-    models return a KV-cache object then, which training needs none of) and generation and
-    the fold switch on again (`restore_cache`). T5's decoder stack keeps its own config."""
-    return [n for n, m in model.named_modules()
-            if getattr(getattr(m, "config", None), "use_cache", False)]
-
-
-def restore_cache(module: nn.Module, users: list[str]) -> nn.Module:
-    """Switch ``use_cache`` on again in a copy users keep (the deploy module's eager
-    structure, the generation view): `users` is `cache_users` of the caller's model."""
-    for name in users:
-        module.get_submodule(name).config.use_cache = True
-    return module
-
-
 def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, torch.Tensor],
                    snapshot: set[int] = frozenset(),
                    requantize: Callable[[nn.Linear], nn.Module] | None = None) -> nn.Module:
@@ -250,7 +169,7 @@ def structure_copy(source: nn.Module, base: nn.Module, weights: Mapping[str, tor
     are in `snapshot` (what training changes), aliases of everything else (no copy). Adapters
     and their hooks are left out; a quantized target given a dense weight becomes a plain
     ``nn.Linear`` (then ``requantize(linear)`` when given, e.g. your quantizer again)."""
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = dict(config_objects(source))
     adapters = [m for m in source.modules() if isinstance(m, CapaBoostAdapter)]
     for a in adapters:
         memo[id(a)] = a  # shared, then dropped below: never copied

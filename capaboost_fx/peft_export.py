@@ -21,8 +21,6 @@ import torch
 from .adapter_file import atomic_write
 from .errors import MissingDependencyError, TargetError
 from .model import require_training
-from .passes.capture import BASE
-from .passes.fold import adapters
 
 
 def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
@@ -33,7 +31,7 @@ def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     layouts = set()
-    for name, a in adapters(tm).items():
+    for name, a in tm.adapters().items():
         if a.layout == "param":
             raise TargetError(f"target {name!r} is a stacked expert parameter: this exporter "
                               "writes LoRA on modules only. Use save_adapter or fold.")
@@ -62,7 +60,7 @@ def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
 
 def _modules_to_save(tm: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
     """PEFT's ``modules_to_save`` for `Spec.trainable`, their tensors added to `tensors`."""
-    base = getattr(tm, BASE)
+    base = tm.wrapped
     modules_to_save: list[str] = []
     module_names = {n for n, _ in base.named_modules()}
     for n, p in base.named_parameters():

@@ -109,7 +109,7 @@ def load_base_weights(train_model: CapaBoostModel, path: str | Path,
     import time
 
     t0 = time.perf_counter()
-    base: nn.Module = train_model.base_model
+    base: nn.Module = train_model.wrapped
     target = torch.device(device) if device is not None else torch.device("cpu")
     loaded, unexpected = _stream(base, Path(path), target, dtype, prefix)
     for a in train_model.adapters().values():

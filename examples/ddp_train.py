@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {a.weight_fqn for a in adapters.values()}
     merged = {k: v.detach().contiguous() for k, v in cbx.merged_state_dict(tm).items()
               if k in targets}
-    if not (tm.eager and args.engine.startswith("fsdp2")):
+    if not (tm.capture_info.capture == "eager" and args.engine.startswith("fsdp2")):
         cbx.fold(tm)  # the deploy module builds under sharding too (graph path)
     digests = [None] * world
     dist.all_gather_object(digests, (mask_digest, init_digest, digest(list(state.values()))))

@@ -177,7 +177,7 @@ def test_readme_deploy_snippet_prints_same_graph(tmp_path, monkeypatch):
     printed = out.getvalue()
     assert "same graph: NO" not in printed and "**no**" not in printed
     assert re.search(r"^- same graph( up to 1 initializer the exporter folded away: "
-                     r"base_model\.classifier\.bias \(in other, folded away in base\)|: yes)",
+                     r"wrapped\.classifier\.bias \(in other, folded away in base\)|: yes)",
                      printed, flags=re.M), printed
     assert re.search(r"^- latency other vs base: .* interleaved rounds: (noise|a real difference)\)$",
                      printed, flags=re.M), printed

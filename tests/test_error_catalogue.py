@@ -210,7 +210,7 @@ def test_the_inputs_that_fit_still_run(kit: dict) -> None:
 
 def test_out_of_memory_is_not_wrapped(kit: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Training loops catch it to shrink the batch: it passes through as torch raised it."""
-    variant = kit["tmm"]._variants[0]
+    variant = kit["tmm"].executor.variants[0]
 
     def oom(*a: object, **k: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -153,7 +153,7 @@ def test_data_dependent_loss_code_gets_a_hint_about_labels() -> None:
     with pytest.warns(cbx.CapaBoostWarning, match="trains it eagerly"):
         eager = cbx.transform(model, cbx.Spec(targets=["*.query_proj"], rank=2),
                               example_kwargs={"input_ids": ids, "labels": labels})
-    assert eager.eager and "data-dependent" in eager.capture_info.eager_reason
+    assert eager.capture_info.capture == "eager" and "data-dependent" in eager.capture_info.eager_reason
     eager.train()
     eager(input_ids=ids, labels=labels).loss.backward()
     assert all(a.A.grad is not None for a in cbx.adapters(eager).values())
@@ -190,8 +190,8 @@ def test_hooks_a_forward_installs_while_captured_are_undone_with_their_flag() ->
     x = torch.randn(3, 8)
     tm = cbx.transform(model, cbx.Spec(targets=["a", "b"], rank=2), example_inputs=(x,),
                        capture="graph")
-    assert not getattr(tm._twin, "_hooks_installed", False)
-    assert all(not m._forward_hooks for m in tm._twin.modules())
+    assert not getattr(tm.executor.twin, "_hooks_installed", False)
+    assert all(not m._forward_hooks for m in tm.executor.twin.modules())
     with torch.no_grad():
         want = model.eval()(x)  # B = 0: the adapters add nothing yet
         for mode in ("train", "eval"):

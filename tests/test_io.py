@@ -43,7 +43,7 @@ def test_round_trip_is_bit_exact(trained, tmp_path) -> None:
     for name, a in cbx.adapters(tm).items():
         b = cbx.adapters(loaded)[name]
         assert torch.equal(a.mask_A, b.mask_A) and torch.equal(a.mask_B, b.mask_B)
-    assert torch.equal(loaded.base_model.classifier.weight, tm.base_model.classifier.weight)
+    assert torch.equal(loaded.wrapped.classifier.weight, tm.wrapped.classifier.weight)
 
 
 def test_file_holds_only_the_trainable_tensors(trained, tmp_path) -> None:
@@ -52,7 +52,7 @@ def test_file_holds_only_the_trainable_tensors(trained, tmp_path) -> None:
     ab = sum(a.A.numel() + a.B.numel() for a in cbx.adapters(tm).values()) * 4
     masks = sum((a.mask_A.numel() + 7) // 8 + (a.mask_B.numel() + 7) // 8
                 for a in cbx.adapters(tm).values())
-    head = sum(p.numel() * 4 for p in tm.base_model.classifier.parameters())
+    head = sum(p.numel() * 4 for p in tm.wrapped.classifier.parameters())
     size = os.path.getsize(path)
     header = cbx.read_header(path)
     assert header["spec"] == tm.spec.to_dict() and header["trainable"] == [
@@ -60,7 +60,7 @@ def test_file_holds_only_the_trainable_tensors(trained, tmp_path) -> None:
     payload = ab + masks + head
     overhead = size - payload
     assert 0 < overhead < len(json.dumps(header)) + 4096  # header + safetensors index
-    model_bytes = sum(p.numel() * 4 for p in tm.base_model.parameters())
+    model_bytes = sum(p.numel() * 4 for p in tm.wrapped.parameters())
     assert size < model_bytes / 10
 
 

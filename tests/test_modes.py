@@ -52,7 +52,7 @@ def test_batch_norm_statistics_follow_the_mode() -> None:
     tm = cbx.transform(model, cbx.Spec(targets=["fc1", "fc2"], rank=2),
                        example_inputs=(torch.randn(6, 10),))
     assert tm.training
-    bn = tm.base_model.bn
+    bn = tm.wrapped.bn
     for _ in range(3):
         x = torch.randn(8, 10)
         torch.testing.assert_close(tm(x), ref(x))  # batch statistics in train mode

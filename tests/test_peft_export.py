@@ -27,7 +27,7 @@ def test_peft_loads_the_adapter_exactly(name: str, spec: cbx.Spec, tmp_path) -> 
         for a in cbx.adapters(tm).values():
             a.B.normal_(0, 0.2)
         if spec.trainable:
-            tm.base_model.classifier.weight.add_(1.0)
+            tm.wrapped.classifier.weight.add_(1.0)
     out_dir = cbx.to_peft_lora(tm, tmp_path / "peft")
     config = json.loads((out_dir / "adapter_config.json").read_text())
     assert config["r"] == spec.rank * spec.num_masks

@@ -53,11 +53,11 @@ def test_bf16_fold_rounds_once() -> None:
     # Adapters train in float32 even on a bf16 base.
     assert all(a.A.dtype == torch.float32 for a in cbx.adapters(tm).values())
     for name, a in cbx.adapters(tm).items():
-        w0 = tm.base_model.get_parameter(a.weight_fqn)
+        w0 = tm.wrapped.get_parameter(a.weight_fqn)
         delta = sum((a.B.double() * a.mask_B[i]) @ (a.A.double() * a.mask_A[i])
                     for i in range(a.num_masks)) * a.scaling
         once = (w0.double() + delta).to(torch.bfloat16)  # one rounding, from exact values
-        merged = deploy.base_model.get_parameter(a.weight_fqn)
+        merged = deploy.wrapped.get_parameter(a.weight_fqn)
         assert merged.dtype == torch.bfloat16
         # float32 accumulation may move a value across a bf16 rounding boundary at most once
         mismatch = (merged != once).float().mean().item()

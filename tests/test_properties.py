@@ -48,7 +48,7 @@ def test_fold_equals_unfolded_float64(p) -> None:
     model, tm = _transformed(*p)
     x = torch.randn(5, p[0], dtype=torch.float64)
     torch.testing.assert_close(cbx.fold(tm)(x), tm(x), rtol=1e-10, atol=1e-10)
-    assert torch.equal(cbx.fold(tm).base_model[2].weight, model[2].weight)
+    assert torch.equal(cbx.fold(tm).get_base_model()[2].weight, model[2].weight)
 
 
 @settings(max_examples=60, deadline=None)

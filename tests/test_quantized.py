@@ -102,7 +102,7 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
     x = torch.randn(8, 256)
     with _no_warning():  # the eager path is chosen, not warned about
         tm = cbx.transform(base, SPEC, (x,))
-    assert tm.eager and "quantized" in tm.capture_info.eager_reason
+    assert tm.capture_info.capture == "eager" and "quantized" in tm.capture_info.eager_reason
     a_up, a_down = cbx.adapters(tm)["up"], cbx.adapters(tm)["down"]
     assert a_up.A.dtype == torch.float32 and a_up.A.requires_grad
     g = torch.Generator().manual_seed(0)
@@ -122,7 +122,7 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
         y_base = base.eval()(x)
         up_base = base.up(x)  # the quantized module's own output
     h = {}
-    handle = tm.base_model.up.register_forward_hook(lambda m, i, o: h.update(up=o))
+    handle = tm.wrapped.up.register_forward_hook(lambda m, i, o: h.update(up=o))
     with torch.no_grad():
         y = tm(x)
     handle.remove()
@@ -135,8 +135,8 @@ def test_quantized_base_trains_adapters_and_folds(kind) -> None:
     # so their unfolded outputs are accurate to ~1e-3 and the dense fold differs by that
     tm.eval()
     folded = cbx.fold(tm)
-    assert type(folded.base_model.up) is nn.Linear
-    assert type(folded.base_model.up.weight) is nn.Parameter
+    assert type(folded.wrapped.up) is nn.Linear
+    assert type(folded.wrapped.up.weight) is nn.Parameter
     with torch.no_grad():
         err = (folded(x) - tm(x)).abs().max().item()
         scale = tm(x).abs().max().item()
@@ -172,7 +172,7 @@ def test_quantized_base_adapter_files_and_peft_export(kind, tmp_path) -> None:
         torch.testing.assert_close(back(x), tm(x))
     # the same adapter loads onto the float model it was quantized from (to merge in fp32)
     fp = cbx.load_adapter(Net(), tmp_path / "a.safetensors", (x,))
-    assert not fp.eager
+    assert fp.executor.kind == "graph"
     out = cbx.to_peft_lora(tm, tmp_path / "peft")
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -210,7 +210,7 @@ def test_fold_requantizes_on_request_with_the_error_measured() -> None:
     dense, again = cbx.fold(tm), cbx.fold(tm, requantize=renf4)
     assert dense.fold_info == {"dequantized": ["down", "up"], "requantized": []}
     assert again.fold_info["requantized"] == ["down", "up"]
-    assert type(again.base_model.up.weight).__name__ == "NF4Tensor"
+    assert type(again.wrapped.up.weight).__name__ == "NF4Tensor"
     with torch.no_grad():
         y = tm(x)
         err_dense = (dense(x) - y).abs().max().item()
@@ -238,7 +238,7 @@ def test_quantized_moe_trains_its_experts() -> None:
     spec = cbx.Spec(targets=["*.experts.gate_up_proj", "*.experts.down_proj", "*.q_proj"],
                     rank=2)
     tm = cbx.transform(model, spec, example_inputs=(ids,))
-    assert tm.eager and "quantized" in tm.capture_info.eager_reason
+    assert tm.capture_info.capture == "eager" and "quantized" in tm.capture_info.eager_reason
     assert len(cbx.adapters(tm)) == 3
     opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad], lr=0.5)
     tm.train()
@@ -254,6 +254,6 @@ def test_quantized_moe_trains_its_experts() -> None:
         y = tm(ids).logits
         assert (y - model(ids).logits).abs().max() > 1e-4
         torch.testing.assert_close(folded(ids).logits, y, rtol=1e-3, atol=1e-3)
-    w = folded.base_model.model.layers[0].mlp.experts.gate_up_proj
+    w = folded.wrapped.model.layers[0].mlp.experts.gate_up_proj
     torch.testing.assert_close(w, model.model.layers[0].mlp.experts.gate_up_proj
                                + expert.delta_weight().to(w.dtype))

@@ -36,7 +36,7 @@ def test_training_module_shares_frozen_storage_and_fold_copies_only_targets() ->
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     ids = torch.randint(0, 96, (2, 8))
     tm = cbx.transform(model, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
-    base = dict(tm.base_model.named_parameters())
+    base = dict(tm.wrapped.named_parameters())
     for n, p in model.named_parameters():
         assert base[n].data_ptr() == p.data_ptr(), n  # same storage, no copy
         assert base[n] is not p and not base[n].requires_grad
@@ -45,7 +45,7 @@ def test_training_module_shares_frozen_storage_and_fold_copies_only_targets() ->
     deploy = cbx.fold(tm)
     targets = {a.weight_fqn for a in cbx.adapters(tm).values()}
     merged = cbx.merged_state_dict(tm)
-    for n, p in deploy.base_model.named_parameters():
+    for n, p in deploy.wrapped.named_parameters():
         if n in targets:
             assert p.data_ptr() != ptrs[n] and not torch.equal(p, model.get_parameter(n))
             assert merged[n].data_ptr() != ptrs[n]
@@ -185,7 +185,7 @@ def test_meta_model_loads_weights_from_shards_bf16_base_fp32_adapters(tmp_path) 
         empty = transformers.LlamaForCausalLM(real.config).to(torch.bfloat16)
     ids = torch.randint(0, 96, (2, 8))
     tm = cbx.transform(empty, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
-    assert any(p.is_meta for p in tm.base_model.parameters())
+    assert any(p.is_meta for p in tm.wrapped.parameters())
     with pytest.raises(cbx.CapaBoostError, match="meta"):
         cbx.fold(tm)
     with pytest.raises(cbx.CapaBoostError, match="load_base_weights"):
@@ -194,7 +194,7 @@ def test_meta_model_loads_weights_from_shards_bf16_base_fp32_adapters(tmp_path) 
     assert report["loaded"] > 0 and not report["unexpected"]
     assert not any(p.is_meta for p in tm.parameters())
     assert all(a.A.dtype == torch.float32 for a in cbx.adapters(tm).values())
-    assert tm.base_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert tm.wrapped.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = cbx.transform(real, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
     _nonzero(ref)
     tm.load_state_dict({k: v for k, v in ref.state_dict().items() if "capaboost" in k},
@@ -279,13 +279,12 @@ def test_deploy_base_model_is_the_users_class_and_generates() -> None:
     tm = cbx.transform(model, SPEC, example_kwargs={"input_ids": ids, "labels": ids})
     _nonzero(tm)
     deploy = cbx.fold(tm)
-    assert type(deploy.base_model) is type(model)
-    assert deploy.base_model.config.use_cache and model.config.use_cache  # not left off
-    assert "" in tm.capture_info.cache_users  # the model's own config, switched off to train
-    assert tm.base_model.config.use_cache is False
+    assert type(deploy.get_base_model()) is type(model)
+    # One config object, the caller's: capture switched use_cache off only while it ran.
+    assert deploy.config is tm.config is model.config and model.config.use_cache is True
     assert tm.generation_model().config.use_cache is True  # generation uses the KV cache
     with torch.no_grad():
-        out = deploy.base_model.generate(ids, attention_mask=torch.ones_like(ids),
+        out = deploy.wrapped.generate(ids, attention_mask=torch.ones_like(ids),
                                          max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 11)
 

@@ -103,8 +103,8 @@ def test_trainable_that_does_not_exist() -> None:
 def test_trainable_module_and_parameter() -> None:
     tm = cbx.transform(MLP, cbx.Spec(targets=["0"], rank=2, trainable=["4", "2.bias"]), X)
     grads = {n for n, p in tm.named_parameters() if p.requires_grad}
-    assert grads == {"base_model.4.weight", "base_model.4.bias", "base_model.2.bias",
-                     "base_model.0.capaboost.A", "base_model.0.capaboost.B"}
+    assert grads == {"wrapped.4.weight", "wrapped.4.bias", "wrapped.2.bias",
+                     "wrapped.0.capaboost.A", "wrapped.0.capaboost.B"}
 
 
 def test_input_errors() -> None:

@@ -91,7 +91,7 @@ def test_lifecycle(case: Case) -> None:
     adapter_params = {id(p) for a in cbx.adapters(tm).values() for p in a.parameters()}
     for n, p in tm.named_parameters():
         expect = id(p) in adapter_params or any(
-            n.startswith(f"base_model.{t}.") or n == f"base_model.{t}" for t in case.spec.trainable)
+            n.startswith(f"wrapped.{t}.") or n == f"wrapped.{t}" for t in case.spec.trainable)
         assert p.requires_grad == expect, n
 
     # Step 0: B = 0, so the output equals the original's, at a shape other than the example's.
@@ -258,7 +258,7 @@ def test_a_dim_the_model_fixes_gets_a_graph_per_size() -> None:
     folded = cbx.fold(tm)
     with torch.no_grad():
         torch.testing.assert_close(folded(torch.randn(2, 11, 8)).shape, torch.Size([2, 8]))
-    tm.MAX_SHAPES = 3
+    tm.executor.MAX_SHAPES = 3
     with pytest.raises(cbx.InputError, match="pad or bucket"):
         for n in (12, 13, 14, 15):
             tm(torch.randn(2, n, 8))

@@ -39,7 +39,7 @@ def test_speech_models_train_with_specaugment_and_layerdrop(name, tmp_path) -> N
     with pytest.warns(cbx.CapaBoostWarning, match="_compute_mask_indices") as record:
         tm = cbx.transform(model, SPEC, (x,))
     assert "capture='graph'" in str(record[0].message)  # how to get the error instead
-    assert tm.eager and "modeling_" in tm.capture_info.eager_reason
+    assert tm.capture_info.capture == "eager" and "modeling_" in tm.capture_info.eager_reason
     assert len(cbx.adapters(tm)) == 4
     # training-time features on: masked time steps and dropped layers differ call to call
     labels = torch.randint(1, 32, (2, 5))
@@ -72,7 +72,7 @@ def test_led_trains_folds_and_generates_eagerly() -> None:
     spec = cbx.Spec(targets=["*.query", "*.value", "*.q_proj", "*.v_proj"], rank=4)
     with pytest.warns(cbx.CapaBoostWarning, match=r"modeling_led\.py:\d+ in _chunk"):
         tm = cbx.transform(model, spec, example_kwargs={"input_ids": ids, "labels": labels})
-    assert tm.eager and len(cbx.adapters(tm)) == 12
+    assert tm.capture_info.capture == "eager" and len(cbx.adapters(tm)) == 12
     with pytest.raises(cbx.CaptureError, match="in the model's code at modeling_led.py"):
         cbx.transform(model, spec, example_kwargs={"input_ids": ids}, capture="graph")
     tm.train()
@@ -107,7 +107,8 @@ def test_expert_parameters_as_eager_targets(tmp_path) -> None:
         f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")]
     tm = cbx.transform(model, spec, capture="eager")
     graph = cbx.transform(model, spec, example_inputs=(ids,), capture="graph")
-    assert tm.eager and not graph.eager and sorted(cbx.adapters(tm)) == names
+    assert tm.capture_info.capture == "eager" and graph.capture_info.capture == "graph"
+    assert sorted(cbx.adapters(tm)) == names
     _nonzero(tm)
     with torch.no_grad():
         for name, a in cbx.adapters(graph).items():

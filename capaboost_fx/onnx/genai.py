@@ -76,15 +76,14 @@ class GenaiReport:
 
 def _write_checkpoint(module: Any, target: Path, base_model: nn.Module | None) -> None:
     from capaboost_fx.model import CapaBoostModel, FoldedModel
-    from capaboost_fx.passes.fold import fold, merged_state_dict
 
     if isinstance(module, CapaBoostModel):
         if base_model is not None:  # the caller's own model: merged weights, no copy of it
-            base_model.save_pretrained(target, state_dict=merged_state_dict(module))
+            base_model.save_pretrained(target, state_dict=module.merged_state_dict())
             return
-        module = fold(module)
+        module = module.fold()
     if isinstance(module, FoldedModel):
-        module = module.base_model  # the original class holding the merged weights
+        module = module.get_base_model()  # your class holding the merged weights
     if not hasattr(module, "save_pretrained"):
         raise InputError(
             f"export_genai needs a Hugging Face model (with save_pretrained), a capaboost_fx "
@@ -161,7 +160,7 @@ def export_genai(
             fp32/int8/int4 on cpu; fp16/bf16 on cuda; ...).
         execution_provider: "cpu", "cuda", "dml" or "webgpu".
         base_model: with a training module: your original model, into whose class the merged
-            weights are saved without copying it (default: ``fold(...).base_model``).
+            weights are saved without copying it (default: ``fold(...).get_base_model()``).
         tokenizer_dir: where the tokenizer files are (the builder needs them beside the
             checkpoint); default: the checkpoint directory itself.
         checkpoint_dir: where to write the merged checkpoint (default: ``out_dir/checkpoint``).

@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import SpecTypeError, TargetNotFoundError, close_names
-from ..model import BlockProgram
 from ..spec import pattern_matches
 
 
@@ -80,11 +79,3 @@ def plan_blocks(twin: nn.Module, blocks: Any, checkpoint: Any,
     split = _outermost(sorted(set(chosen) | set(ck), key=order.index))
     ck_blocks = {b for b in split if any(c == b or c.startswith(b + ".") for c in ck)}
     return split, ck_blocks, explicit
-
-
-def install_blocks(shell: nn.Module, names: list[str]) -> None:
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = shell.get_submodule(parent_name) if parent_name else shell
-        original = parent._modules[child]
-        parent._modules[child] = BlockProgram(original, name)

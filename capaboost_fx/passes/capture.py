@@ -6,7 +6,7 @@ inputs turned into meta tensors too, so capture costs no memory whatever the mod
 the same for models built on the meta device, and can run again later (a new argument
 structure, the other mode) even when the real weights are sharded by FSDP2.
 
-The graph's ``get_attr`` nodes are retargeted to ``base_model.<fqn>``: at run time they read
+The graph's ``get_attr`` nodes are retargeted to ``wrapped.<fqn>``: at run time they read
 the training module's *shell* (`shared_shell`), a second copy of the module tree whose frozen
 parameters are new ``nn.Parameter`` objects over the caller's storage.
 
@@ -37,19 +37,19 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError, InputError, UncapturableError
-from ..merge import is_quantized
+from ..errors import CapaBoostWarning, CaptureError, InputError, UncapturableError
+from ..structure import config_objects, is_quantized
 from .checkpoints import CheckpointRecorder, hf_checkpointed, hf_checkpointing_off
 from .diagnose import InputGuard, explain_failure
 
-BASE = "base_model"  # attribute that holds the training module's shell of the user's model
+BASE = "wrapped"  # attribute of the training and deploy modules that holds your model
 CONSTANTS = "capaboost_constants"  # lifted tensor constants of the captured graphs
 MODES = ("train", "eval")
 
 
 @dataclass
 class Captured:
-    """One capture: the graph (get_attr targets rooted at ``base_model.``) and what the
+    """One capture: the graph (get_attr targets rooted at ``wrapped.``) and what the
     generated code needs besides the shared state."""
 
     mode: str
@@ -86,13 +86,21 @@ def _deepcopy(model: nn.Module, memo: dict[int, Any], what: str) -> nn.Module:
         ) from e
 
 
-def _no_cache(module: nn.Module) -> nn.Module:
-    """Switch off every ``config.use_cache`` (`merge.cache_users` says why)."""
-    for m in module.modules():
-        config = getattr(m, "config", None)
-        if config is not None and getattr(config, "use_cache", False):
-            config.use_cache = False
-    return module
+@contextlib.contextmanager
+def cache_off(module: nn.Module) -> Iterator[None]:
+    """``config.use_cache`` off while the model is captured (a decoder returns a KV-cache
+    object then, which a training graph needs none of), on again after. The configs are
+    your model's own objects (shared, `merge.config_objects`): this is the one moment
+    capaboost_fx changes them, and it puts them back."""
+    configs = {id(c): c for m in module.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 def _capture_device(t: torch.Tensor) -> torch.device:
@@ -112,7 +120,8 @@ def meta_twin(model: nn.Module) -> nn.Module:
             fake = torch.empty(t.shape, dtype=t.dtype, device=_capture_device(t))
             memo[id(t)] = (nn.Parameter(fake, requires_grad=t.is_floating_point())
                            if is_param else fake)
-    return _no_cache(_deepcopy(model, memo, "meta twin"))
+    memo.update(config_objects(model))
+    return _deepcopy(model, memo, "meta twin")
 
 
 def fake_mode_of(twin: nn.Module) -> FakeTensorMode:
@@ -141,7 +150,8 @@ def shared_shell(model: nn.Module) -> nn.Module:
             for k, v in vars(m).items():
                 if k not in _MODULE_INTERNALS:
                     memo[id(v)] = v
-    return _no_cache(_deepcopy(model, memo, "training shell"))
+    memo.update(config_objects(model))
+    return _deepcopy(model, memo, "training shell")
 
 
 # nn.Module's own dicts: a copy gets new ones (its hooks and children are its own)
@@ -271,7 +281,7 @@ def export_graph(
     dynamic_shapes: Any,
     tag: str = "",
 ) -> Captured:
-    """Export the meta `twin` in `mode` and retarget its state onto ``base_model.<fqn>``."""
+    """Export the meta `twin` in `mode` and retarget its state onto ``wrapped.<fqn>``."""
     mode_name = mode
     was_training = twin.training
     twin.train(mode == "train")
@@ -284,7 +294,8 @@ def export_graph(
     attrs = _module_attrs(twin)
     t0 = time.perf_counter()
     try:
-        with recorder.active(), hf_checkpointing_off(twin), bind_static(twin, bound):
+        with (recorder.active(), hf_checkpointing_off(twin), bind_static(twin, bound),
+              cache_off(twin)):
             ep = torch.export.export(twin, tuple(_to_fake(args, mode, device)),
                                      dict(_to_fake(dict(kwargs), mode, device)),
                                      dynamic_shapes=dynamic_shapes, strict=False)
@@ -313,7 +324,7 @@ def export_graph(
 
 def _retarget(gm: torch.fx.GraphModule, state_names: set[str], prefix: str,
               mode_name: str) -> dict[str, torch.Tensor]:
-    """Point the exported graph's state reads at ``base_model.<fqn>``, its lifted constants
+    """Point the exported graph's state reads at ``wrapped.<fqn>``, its lifted constants
     at the constants module (returned, keyed with `prefix`), and its input guards at
     `InputGuard`."""
     graph = gm.graph
@@ -448,8 +459,8 @@ def capture_graph(twin: nn.Module, mode: str, args: tuple, kwargs: dict, dynamic
             hint = ("The model's own code fixes them (e.g. a size read as a Python int): a "
                     "call with other sizes there captures a graph for them once, on first use "
                     "(seconds each, up to 8 sizes).")
-        warnings.warn(f"the capture fixed {names} to the example's size. {hint}",
-                      stacklevel=4)
+        warnings.warn(CapaBoostWarning(f"the capture fixed {names} to the example's size. "
+                                       f"{hint}"), stacklevel=4)
     return captured
 
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..merge import adapter_hook, expert_post_hook, expert_pre_hook, is_quantized
+from ..adapter import adapter_hook, expert_post_hook, expert_pre_hook
+from ..structure import is_quantized
 from .match import Candidate, adapter_path
 
 

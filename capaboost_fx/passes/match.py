@@ -46,7 +46,7 @@ class Site:
     node: fx.Node  # produces y = op(x, W, ...)
     x: fx.Node  # the activation input
     op: str
-    fqn: str  # parameter FQN inside the model (no ``base_model.`` prefix)
+    fqn: str  # parameter FQN inside the model (no ``wrapped.`` prefix)
     layout: str  # how W is stored: "out_in" (nn.Linear) or "in_out" (Conv1D)
     bias: str | None = None  # FQN of the op's bias parameter, if it adds one
     region: frozenset[fx.Node] = frozenset()  # a module output's own ops (module sites only)

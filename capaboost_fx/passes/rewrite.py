@@ -45,7 +45,9 @@ def rewrite(graph: fx.Graph, targets: dict[str, Candidate], mode: str,
             y = site.node
             source = y if name in sequential else site.x
             with graph.inserting_after(y):
-                delta = graph.call_module(f"{BASE}.{cand.adapter_path}", (source,))
+                # y rides along for its dtype: under torch.autocast the op's output may be
+                # bf16 while x is float32, and the sum must keep y's dtype (as PEFT's does).
+                delta = graph.call_module(f"{BASE}.{cand.adapter_path}", (source, y))
             with graph.inserting_after(delta):
                 out = graph.call_function(torch.ops.aten.add.Tensor, (y, delta))
             y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out, delta=delta,
@@ -73,7 +75,7 @@ def unrewrite(graph: fx.Graph, keep: frozenset[str] = frozenset()) -> list[str]:
         if tag and tag["role"] == "delta" and tag["target"] in keep:
             node.target = f"{DENSE}.{adapter_key(tag['target'])}"
         elif tag and tag["role"] == "add" and tag["target"] not in keep:
-            y, delta = node.args
+            y, delta = node.args[:2]
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             graph.erase_node(delta)

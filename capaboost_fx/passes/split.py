@@ -5,7 +5,7 @@ block's forward to be a call of its own module: FSDP2 gathers a block's weights 
 module's pre-forward hook, and checkpointing recomputes that call. ``torch.export`` flattens
 the model into one graph; this pass restores the block level from ``nn_module_stack``:
 
-    root graph:   ... h = call_module(base_model.model.layers.0)(key, h, cos, sin, mask) ...
+    root graph:   ... h = call_module(wrapped.model.layers.0)(key, h, cos, sin, mask) ...
     block graph:  placeholders (key, h, cos, sin, mask) -> the block's ops -> output
 
 The block graph reads its own weights relative to the block (``self_attn.q_proj.weight``), so
