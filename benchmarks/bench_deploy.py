@@ -23,6 +23,8 @@ to stdout and JSON to --out.
 
     .venv/bin/python benchmarks/bench_deploy.py            # full (~10 min on 2 cores)
     .venv/bin/python benchmarks/bench_deploy.py --quick    # one model, few rounds (~2 min)
+    .venv/bin/python benchmarks/bench_deploy.py --multi-lora-only --out \
+        benchmarks/results/multi_lora.json   # one base, many fine-tunes (bench_multi_lora.py)
 """
 
 from __future__ import annotations
@@ -278,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                          "or from its eager copy with merged weights (deploy.base_model)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "deploy.json"))
+    ap.add_argument("--multi-lora", action="store_true",
+                    help="also run the multi-LoRA section (bench_multi_lora.py)")
+    ap.add_argument("--multi-lora-only", action="store_true",
+                    help="run only the multi-LoRA section")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 20)
     models = args.models or (["minilm"] if args.quick else list(MODELS))
@@ -297,11 +303,20 @@ def main(argv: list[str] | None = None) -> int:
         "ort_session": "CPUExecutionProvider, intra_op_num_threads=threads, inter_op 1, "
                        "ORT_SEQUENTIAL, allow_spinning=0, ORT_ENABLE_ALL",
     }, "models": {}}
-    for name in models:
+    for name in [] if args.multi_lora_only else models:
         results["models"][name] = run_model(name, args, log)
+    if args.multi_lora or args.multi_lora_only:
+        from bench_multi_lora import report_multi_lora, run_multi_lora
+
+        from capaboost_fx.onnx.timing import conditions
+
+        results["multi_lora"] = run_multi_lora(args.threads, args.rounds, args.warmup, log,
+                                               conditions)
     results["machine"]["loadavg_at_end"] = loadavg()
     results["seconds"] = round(time.perf_counter() - t0, 1)
     text = report(results, args)
+    if "multi_lora" in results:
+        text += "\n" + report_multi_lora(results["multi_lora"]) + "\n"
     print(text)
     results["markdown"] = text
     write_json(args.out, results)

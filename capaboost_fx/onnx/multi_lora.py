@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -179,6 +180,10 @@ def lora_slots(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
     path = Path(base)
     if not path.is_file():
         raise OnnxFileNotFoundError(f"multi-LoRA base {str(path)!r} does not exist")
+    st = path.stat()
+    key = (os.fspath(path.absolute()), st.st_mtime_ns, st.st_size)
+    if key in _SLOTS_SEEN:  # parsing a large base again for every adapter would cost seconds
+        return copy.deepcopy(_SLOTS_SEEN[key])
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -188,7 +193,16 @@ def lora_slots(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
         raise AdapterMismatchError(
             f"{str(path)!r} is not a multi-LoRA base (no {META_KEY!r} metadata): write it with "
             "export_onnx(train_model, path, multi_lora=True)")
-    return json.loads(meta[META_KEY])["slots"]
+    slots = json.loads(meta[META_KEY])["slots"]
+    with _LOCK:
+        if len(_SLOTS_SEEN) > 64:
+            _SLOTS_SEEN.clear()
+        _SLOTS_SEEN[key] = slots
+    return copy.deepcopy(slots)
+
+
+_SLOTS_SEEN: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- the base module
@@ -304,7 +318,11 @@ def _find_initializers(proto: Any, stand_ins: Mapping[str, torch.Tensor]) -> dic
 
 
 def _make_overridable(src: Path, dst: Path, tensors: Mapping[str, np.ndarray],
-                      stand_ins: Mapping[str, torch.Tensor], targets: list[str]) -> None:
+                      stand_ins: Mapping[str, torch.Tensor], targets: list[str],
+                      keep_external: bool = False) -> None:
+    """Copy `src` to `dst` with the stand-in factors replaced by `tensors` under their slot
+    names, listed as graph inputs, and the slot layout in the metadata (weights in
+    ``<dst>.data`` when `keep_external` or when protobuf could not hold them)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -334,9 +352,10 @@ def _make_overridable(src: Path, dst: Path, tensors: Mapping[str, np.ndarray],
         if p.key == META_KEY:
             proto.metadata_props.remove(p)
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
-    big = proto.ByteSize() > 1_800_000_000
-    onnx.save_model(proto, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=dst.name + ".data" if big else None)
+    external = keep_external or proto.ByteSize() > 1_800_000_000
+    onnx.save_model(proto, str(dst), save_as_external_data=external,
+                    all_tensors_to_one_file=True,
+                    location=dst.name + ".data" if external else None)
 
 
 def _all_nodes(graph: Any) -> Any:
