@@ -646,7 +646,8 @@ class MultiLoraSession:
     Args:
         base: the multi-LoRA ``.onnx`` file (``export_onnx(tm, path, multi_lora=True)``).
         adapters: ``{name: .onnx_adapter path}`` to load now (more with `add`).
-        session_options, providers: as for ``onnxruntime.InferenceSession``.
+        session_options: an ``onnxruntime.SessionOptions`` (default: quiet logging).
+        providers: as for ``onnxruntime.InferenceSession`` (default: the CPU).
 
     Example::
 
