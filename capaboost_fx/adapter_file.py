@@ -177,14 +177,15 @@ def state_header(tm: Any) -> dict[str, Any]:
     spec, the base fingerprint (target names and weight shapes), digests of the base weights
     (taken now, from your storage: a sharded run keeps them) and the masks' checksums (masks
     are regenerated from the spec's seed, not stored)."""
-    targets = _targets(tm)
+    targets = {n: {"weight": t["weight"], "weight_shape": t["weight_shape"]}
+               for n, t in _targets(tm).items()}
     base_weights = {}
     for name, info in targets.items():
         if info["weight"]:
             digests = weight_digests(tm.wrapped.get_parameter(info["weight"]))
             if digests is not None:
                 base_weights[name] = digests
-    masks = {n: _digest(torch.cat([_pack(_full(a.mask_A)), _pack(_full(a.mask_B))]))
+    masks = {n: _digest(torch.cat([_pack(_full(a.mask_A)), _pack(_full(a.mask_B))]))[:16]
              for n, a in tm.adapters().items()}
     header = {"format": FORMAT + ".state", "format_version": FORMAT_VERSION,
               "library": _version(), "spec": tm.spec.to_dict(), "targets": targets,

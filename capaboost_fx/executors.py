@@ -257,7 +257,7 @@ class EagerExecutor(Executor):
 
             add_fused_lm_head(module.wrapped, **(head or {}))
             self.fused_head_on = True
-        return module.wrapped(*args, **kwargs)
+        return module.wrapped(*args, fused_lm_head=True, **kwargs)
 
     def structure(self, module: nn.Module) -> nn.Module:
         if is_sharded(module.wrapped):
@@ -314,7 +314,12 @@ class GraphExecutor(Executor):
         self.warned_shapes = False
         self.weights_ready = False
         self._signature: inspect.Signature | None = None
-        self.param_names = list(inspect.signature(twin.forward).parameters)
+        params = inspect.signature(twin.forward).parameters
+        self.param_names = list(params)
+        # tensor-free defaults of the forward (a call passing one changes no graph)
+        self.defaults = {k: p.default for k, p in params.items()
+                         if p.default is not inspect.Parameter.empty
+                         and isinstance(p.default, (bool, int, float, str))}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphExecutor:
         new = GraphExecutor.__new__(GraphExecutor)
@@ -339,7 +344,7 @@ class GraphExecutor(Executor):
         return self.twin
 
     def ensure(self, module: nn.Module, args: tuple, kwargs: dict, mode: str) -> None:
-        self.variant_for(module, tuple(args), dict(kwargs), mode)
+        self.variant_for(module, tuple(args), self.call_kwargs(dict(kwargs)), mode)
 
 
     def prepare_export(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -353,8 +358,26 @@ class GraphExecutor(Executor):
         names = list(variant.signature(self.param_names).parameters)
         return graph_dynamic_shapes(graph, variant.in_spec, names, kwargs) or {}
 
+    def call_kwargs(self, kwargs: dict) -> dict:
+        """`kwargs` without the tensor-free keywords that cannot change the graph: those equal
+        to the forward's own default, and ``use_cache=False`` (capture runs with the cache
+        off). Training stacks pass them (TRL: ``use_cache=False``, ``logits_to_keep=0``); they
+        must not cost a capture."""
+        if not kwargs:
+            return kwargs
+        out = {}
+        for k, v in kwargs.items():
+            if not isinstance(v, torch.Tensor) and (
+                    (k == "use_cache" and v is False)
+                    or (k in self.defaults and type(v) is type(self.defaults[k])
+                        and v == self.defaults[k])):
+                continue
+            out[k] = v
+        return out
+
     def run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         mode = module.mode()
+        kwargs = self.call_kwargs(kwargs)
         if torch.compiler.is_dynamo_compiling():  # no capture inside a compiled region
             variant = next((v for v in self.variants if mode in v.fns
                             and v.same_names(args, kwargs)), self.variants[0])
@@ -581,7 +604,8 @@ def capture_variant(module: nn.Module, twin: nn.Module, mode: str, args: tuple, 
                           bound=captured.bound, fixed=captured.fixed)
     install_graph(module, variant, captured)
     module.capture_info.later_captures.append(
-        {"mode": mode, "variant": key, "export_seconds": round(captured.seconds, 3),
+        {"mode": mode, "variant": key, "autocast": str(autocast_state()),
+         "export_seconds": round(captured.seconds, 3),
          "seconds": round(time.perf_counter() - t0, 3), "fixed_sizes": variant.fixed_names()})
     return variant
 
