@@ -227,3 +227,31 @@ def test_serve_many_example_runs(tmp_path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all requests equal their folded fine-tunes" in proc.stdout
+
+
+@pytest.mark.parametrize("capture", ["graph", "eager"])
+def test_both_capture_paths_and_your_model_untouched(capture, tmp_path) -> None:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    x = torch.randn(3, 8)
+    tm = cbx.transform(mlp, cbx.Spec(targets=["0", "2"], rank=2, num_masks=3, density=0.5),
+                       (x,), capture=capture).eval()
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.5)
+    trained = {k: v.clone() for k, v in tm.state_dict().items()}
+    cbx.export_onnx(tm, tmp_path / "m.onnx", example_inputs=(x,), multi_lora=True)
+    sess = cbx.MultiLoraSession(tmp_path / "m.onnx")
+    x2 = torch.randn(5, 8)
+    with torch.no_grad():
+        want = cbx.fold(tm)(x2).numpy()
+        base = mlp(x2).numpy()
+    got = sess.run({sess.input_names[0]: x2})[0]
+    assert _rel(got, want.astype(np.float64)) < 1e-4 and _rel(got, base) > 1e-2
+    for k, v in mlp.state_dict().items():  # your model and the training module unchanged
+        assert torch.equal(v, before[k]), k
+    for k, v in tm.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, trained[k]), k
+    assert tm.training is False
