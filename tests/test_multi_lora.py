@@ -255,3 +255,6 @@ def test_both_capture_paths_and_your_model_untouched(capture, tmp_path) -> None:
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, trained[k]), k
     assert tm.training is False
+    wrapped = [m for m in list(mlp.modules()) + list(tm.modules())
+               if type(m).__name__ == "_LoraLinear"]
+    assert not wrapped  # the served structure is a copy: no module of yours was replaced
