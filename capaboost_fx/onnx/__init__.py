@@ -11,6 +11,8 @@
 | `optimize` | `fuse_for_ort`, `quantize_int8` |
 | `shapes` | `auto_dynamic_shapes`, `axis_names` (``batch``, ``sequence``) |
 | `genai` | `export_genai`: decoder LLMs via onnxruntime-genai (optional; import it directly) |
+| `multi_lora` | `export_onnx(train_model, path, multi_lora=True)`: one base, fine-tunes as `.onnx_adapter` files switched per run (`save_onnx_adapter`, `load_onnx_adapter`, `MultiLoraSession`) |
+| `genai_multi_lora` | `export_genai_multi_lora`: the same slots in an onnxruntime-genai folder, adapters per generator |
 
 Example::
 
