@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +116,32 @@ def install_blocks(shell: nn.Module, names: list[str]) -> None:
 # ----------------------------------------------------------------------------- the interface
 
 
+def _forward_function(sig: inspect.Signature | None) -> Any:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self._call(args, kwargs)
+
+    if sig is not None:
+        first = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[first, *sig.parameters.values()])
+    return forward
+
+
 class Executor:
     """See the module docstring. Subclasses hold only their own run-time state."""
 
     kind = ""
+    _forward: tuple[inspect.Signature | None, Any] | None = None  # (signature, function)
+
+    def bound_forward(self, module: nn.Module) -> Any:
+        """``module.forward``: a method whose signature is the calls this executor runs (the
+        HF Trainer routes batch columns by it). The same function until that signature
+        changes, so bound methods compare equal (accelerate unwraps its autocast wrapper by
+        that equality)."""
+        sig = self.signature(module)
+        if self._forward is None or self._forward[0] is not sig:
+            self._forward = (sig, _forward_function(sig))
+        return types.MethodType(self._forward[1], module)
     generation: tuple[list[Any], nn.Module] | None = None  # (adapters' state, merged view)
 
     def structure(self, module: nn.Module) -> nn.Module:
@@ -213,15 +236,18 @@ class EagerExecutor(Executor):
         self.block_names = list(blocks or [])
         self.seen: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # the first call's inputs
         self.fused_head_on = False
+        self._signature: inspect.Signature | None = None
 
     def run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         return run_eagerly(module.wrapped, args, kwargs, self.seen)
 
     def signature(self, module: nn.Module) -> inspect.Signature | None:
-        try:
-            return inspect.signature(module.wrapped.forward)
-        except (TypeError, ValueError):
-            return None
+        if self._signature is None:
+            try:
+                self._signature = inspect.signature(module.wrapped.forward)
+            except (TypeError, ValueError):
+                return None
+        return self._signature
 
     def blocks(self, module: nn.Module) -> dict[str, nn.Module]:
         return {n: module.wrapped.get_submodule(n) for n in self.block_names}

@@ -38,28 +38,18 @@ from .structure import is_quantized, is_sharded
 
 
 class _SignedForward:
-    """``forward`` of the capaboost_fx modules: the class's function, shown with the signature
-    of the calls its executor runs (a non-data descriptor: TRL may still set an instance
-    ``forward``, as on any model)."""
+    """``forward`` of the capaboost_fx modules, served from the class: the executor's method
+    with the signature of the calls it runs (a non-data descriptor: TRL and accelerate may
+    still set an instance ``forward``, as on any model)."""
 
-    def __init__(self, impl: Callable[..., Any]) -> None:
-        self.impl = impl
-        self.__doc__ = impl.__doc__
+    @staticmethod
+    def _unbound(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call(args, kwargs)
 
     def __get__(self, obj: Any, cls: type | None = None) -> Any:
-        if obj is None:
-            return self.impl
-        impl = self.impl
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return impl(obj, *args, **kwargs)
-
-        sig = obj.executor.signature(obj)
-        if sig is not None:
-            forward.__signature__ = sig  # type: ignore[attr-defined]
-        forward.__name__ = forward.__qualname__ = "forward"
-        forward.__doc__ = impl.__doc__
-        return forward
+        if obj is None:  # on the class: a plain function, as any forward
+            return self._unbound
+        return obj.executor.bound_forward(obj)
 
 
 def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
@@ -184,7 +174,7 @@ class CapaBoostModel(TrainingFace, _Module):
         self._register_load_state_dict_pre_hook(_check_header, with_module=True)
         self.register_load_state_dict_post_hook(_allow_missing_frozen)
 
-    forward = _SignedForward(lambda self, *args, **kwargs: self._call(args, kwargs))
+    forward = _SignedForward()
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
         if "fused_lm_head" in kwargs:  # TRL's trainers (`hf_face.TrainingFace.__setattr__`)
@@ -328,7 +318,10 @@ class FoldedModel(ModelFace, _Module):
             self.capaboost_dense = nn.ModuleDict(dense)
         self.eval()
 
-    forward = _SignedForward(lambda self, *args, **kwargs: self.executor.run(self, args, kwargs))
+    forward = _SignedForward()
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        return self.executor.run(self, args, kwargs)
 
     @property
     def graph(self) -> fx.Graph:

@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = GRPOConfig(output_dir=str(run.out / "run"), max_steps=args.steps,
                         learning_rate=args.lr, per_device_train_batch_size=4, num_generations=4,
                         max_completion_length=8, logging_steps=1, save_steps=args.steps,
-                        use_cpu=True, report_to="none", bf16=False, seed=0)
+                        use_cpu=True, report_to="none", seed=0)
     trainer = GRPOTrainer(model=run.train_model, reward_funcs=reward_lower, args=config,
                           train_dataset=prompts, processing_class=run.tok)
     trainer.train()
+    # accelerate leaves its bf16 autocast wrapper on the forward of any model it trained;
+    # unwrap it so that the fp32 comparison with the fold below compares like with like
+    trainer.accelerator.unwrap_model(run.train_model, keep_fp32_wrapper=False)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return finish(run, "say x 1:", {"rewards": rewards})
 

@@ -12,7 +12,7 @@ pass the transformed model instead:
 Checkpoints hold the adapter only (``model.safetensors`` of a few KB-MB, plus optimizer
 state); ``trainer.train(resume_from_checkpoint=...)`` resumes them. After training:
 ``cbx.fold(train_model)`` is your model with merged weights (``.generate``,
-``.base_model.save_pretrained``), and ``cbx.export_onnx`` writes it for onnxruntime.
+``.save_pretrained``), and ``cbx.export_onnx`` writes it for onnxruntime.
 
     python examples/trl_sft.py --tiny              # a tiny LLaMA and tokenizer made on the spot
     python examples/trl_sft.py --model DIR         # a local Hugging Face causal LM directory
@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = SFTConfig(output_dir=str(run.out / "run"), max_steps=args.steps,
                        learning_rate=args.lr, per_device_train_batch_size=4, logging_steps=1,
                        save_steps=args.steps, max_length=32, use_cpu=True, report_to="none",
-                       bf16=False, seed=0)
+                       seed=0)
     trainer = SFTTrainer(model=run.train_model, args=config, processing_class=run.tok,
                          train_dataset=Dataset.from_dict({"text": TEXTS}))
     trainer.train()
+    # accelerate leaves its bf16 autocast wrapper on the forward of any model it trained;
+    # unwrap it so that the fp32 comparison with the fold below compares like with like
+    trainer.accelerator.unwrap_model(run.train_model, keep_fp32_wrapper=False)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return finish(run, "ann likes",
                   {"first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses)})

@@ -61,7 +61,7 @@ def test_dpo_trains_with_the_base_model_as_reference(tmp_path) -> None:
     config = trl.DPOConfig(output_dir=str(tmp_path), max_steps=4, learning_rate=2e-2,
                            per_device_train_batch_size=4, logging_steps=1, max_length=32,
                            precompute_ref_log_probs=True, use_cpu=True, report_to="none",
-                           bf16=False, save_strategy="no")
+                           save_strategy="no")
     trainer = trl.DPOTrainer(model=tm, args=config, train_dataset=pairs, processing_class=tok)
     a0 = [a.B.detach().clone() for a in cbx.adapters(tm).values()]
     trainer.train()
@@ -75,7 +75,7 @@ def test_dpo_trains_with_the_base_model_as_reference(tmp_path) -> None:
 def _sft(tm, tok, out: Path, steps: int, resume: str | None = None):
     config = trl.SFTConfig(output_dir=str(out), max_steps=steps, learning_rate=1e-2,
                            per_device_train_batch_size=2, logging_steps=1, save_steps=3,
-                           max_length=24, use_cpu=True, report_to="none", bf16=False, seed=0)
+                           max_length=24, use_cpu=True, report_to="none", seed=0)
     trainer = trl.SFTTrainer(model=tm, args=config, processing_class=tok,
                              train_dataset=datasets.Dataset.from_dict({"text": TEXTS}))
     trainer.train(resume_from_checkpoint=resume)
@@ -93,7 +93,8 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(capture, tmp_path) -> N
     ckpt = tmp_path / "full" / "checkpoint-3"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = sorted(f.keys())
-    assert keys and all(".capaboost." in k or k == "wrapped.model.norm.weight" for k in keys)
+    assert keys and all(".capaboost." in k or k in ("wrapped.model.norm.weight", "capaboost_header")
+                        for k in keys)
     assert "wrapped.model.norm.weight" in keys  # spec.trainable is saved
     assert (ckpt / "optimizer.pt").is_file()
     base_bytes = sum(p.numel() * p.element_size() for p in tiny_llama(tok).parameters())
@@ -102,3 +103,26 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(capture, tmp_path) -> N
                                  capture=capture), tok, tmp_path / "full", 6, str(ckpt))
     assert len(full) == 6 and len(resumed) >= 3
     assert resumed[-3:] == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("capture", ["graph", "eager"])
+def test_dpo_example_with_trl_defaults_and_the_zero_copy_reference(capture, tmp_path) -> None:
+    import trl_dpo
+
+    out = trl_dpo.main(["--tiny", "--steps", "4", "--capture", capture, "--no-export",
+                        "--out", str(tmp_path)])
+    assert out["bf16"] and out["gradient_checkpointing"]  # TRL's defaults, kept
+    assert out["capture"] == capture and out["last_loss"] < out["first_loss"]
+    assert out["adapters_changed"] and out["base_unchanged"]  # the reference = your model
+    assert out["fold_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("quant", ["nf4", "torchao"])
+def test_qlora_example_from_pretrained_quantized(quant, tmp_path) -> None:
+    import qlora
+
+    out = qlora.main(["--tiny", "--steps", "4", "--quant", quant, "--out", str(tmp_path)])
+    assert out["bf16"] and out["gradient_checkpointing"]
+    assert out["adapters_changed"] and out["checkpoint_keys_adapters_only"]
+    assert out["last_loss"] < out["first_loss"]
+    assert out["generate_tokens_equal"] and out["dequantized_targets"] == 4
