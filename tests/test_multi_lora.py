@@ -150,6 +150,14 @@ def test_mismatched_fine_tunes_are_refused(served, tmp_path) -> None:
     with pytest.raises(cbx.AdapterMismatchError, match="rank d·r 4 where the base has 8"):
         sess.add("r", path)
     assert sess.adapters == ["a", "b"]
+    # same targets and ranks, trained on other base weights: fits, but said
+    other = LLAMA.build().eval()
+    other.config.use_cache = False
+    with pytest.warns(cbx.CapaBoostWarning, match="trained on base weights that differ"):
+        path = cbx.save_onnx_adapter(_fine_tune(other, 5), tmp_path / "o.onnx_adapter",
+                                     base=d / "base.onnx")
+    with pytest.warns(cbx.CapaBoostWarning, match="trained on base weights that differ"):
+        cbx.load_onnx_adapter(path, base=d / "base.onnx")
     with pytest.raises(cbx.InputError, match="no adapter named 'r'"):
         sess.run({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, adapter="r")
 

@@ -38,6 +38,7 @@ from capaboost_fx.errors import InputError, MissingDependencyError, Verification
 from capaboost_fx.model import require_training
 from capaboost_fx.onnx.genai import _build, _copy_tokenizer, _greedy_genai
 from capaboost_fx.onnx.multi_lora import (
+    _base_digest,
     _inner,
     _make_overridable,
     _placeholders,
@@ -181,7 +182,7 @@ def export_genai_multi_lora(train_model: Any, out_dir: str | os.PathLike, *,
         staged.mkdir()
         targets = sorted(tm.adapters())
         _make_overridable(built / "model.onnx", staged / "model.onnx", tensors, stand_ins,
-                          targets, keep_external=True)
+                          targets, _base_digest(tm), keep_external=True)
         for f in built.iterdir():
             if f.name not in ("model.onnx", "model.onnx.data") and f.is_file():
                 shutil.copy2(f, staged / f.name)

@@ -13,9 +13,9 @@ factors are initializers that are also graph inputs (onnxruntime lets a run over
 
 Their defaults are the exported training module's own adapters. `save_onnx_adapter` writes any
 fine-tune with the same targets and ranks as onnxruntime's ``.onnx_adapter`` file (its
-``adapter_version`` field holds a CRC-32 of the tensors, its ``model_version`` a fingerprint of
-the slots: names, shapes, dtypes); `load_onnx_adapter` checks both before onnxruntime sees the
-file; `MultiLoraSession` serves one base with many adapters, one per ``run``, from any thread.
+``adapter_version`` field holds a CRC-32 of the tensors, its ``model_version`` a digest of the
+base weights it was trained on); `load_onnx_adapter` checks both (and the slots: names,
+shapes, dtypes) before onnxruntime sees the file; `MultiLoraSession` serves one base with many adapters, one per ``run``, from any thread.
 
 Example::
 
@@ -50,6 +50,7 @@ from capaboost_fx.errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
     AdapterMismatchError,
+    CapaBoostWarning,
     ExportError,
     FileWriteError,
     InputError,
@@ -157,6 +158,20 @@ def _fingerprint(layout: Mapping[str, Mapping[str, Any]]) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
+def _base_digest(tm: CapaBoostModel) -> int:
+    """A digest of the base weights the adapters were trained against (a strided sample of
+    each target's W0, rounded to bfloat16 so an fp32 and a bf16 copy of one base agree): kept
+    in the base file and in each adapter file (``model_version``), compared when they meet."""
+    from capaboost_fx.adapter_file import weight_digests
+
+    shell = _inner(tm)
+    parts = {}
+    for name, a in sorted(tm.adapters().items()):
+        d = weight_digests(shell.get_parameter(a.weight_fqn))
+        parts[name] = None if d is None else d.get("bfloat16")
+    return zlib.crc32(json.dumps(parts, sort_keys=True).encode()) & 0x7FFFFFFF
+
+
 def _checksum(tensors: Mapping[str, np.ndarray]) -> int:
     crc = 0
     for k in sorted(tensors):
@@ -175,6 +190,11 @@ def lora_slots(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
         >>> cbx.lora_slots("base.onnx")                                 # doctest: +SKIP
         {'capaboost.0.lora_A': {'shape': [12, 8], 'dtype': 'float32'}, ...}
     """
+    return _base_meta(base)["slots"]
+
+
+def _base_meta(base: str | os.PathLike) -> dict[str, Any]:
+    """The multi-LoRA metadata of a base file (slots, targets, base digest), cached per file."""
     import onnx
 
     path = Path(base)
@@ -193,15 +213,15 @@ def lora_slots(base: str | os.PathLike) -> dict[str, dict[str, Any]]:
         raise AdapterMismatchError(
             f"{str(path)!r} is not a multi-LoRA base (no {META_KEY!r} metadata): write it with "
             "export_onnx(train_model, path, multi_lora=True)")
-    slots = json.loads(meta[META_KEY])["slots"]
+    info = json.loads(meta[META_KEY])
     with _LOCK:
         if len(_SLOTS_SEEN) > 64:
             _SLOTS_SEEN.clear()
-        _SLOTS_SEEN[key] = slots
-    return copy.deepcopy(slots)
+        _SLOTS_SEEN[key] = info
+    return copy.deepcopy(info)
 
 
-_SLOTS_SEEN: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+_SLOTS_SEEN: dict[tuple[str, int, int], dict[str, Any]] = {}
 _LOCK = threading.Lock()
 
 
@@ -319,7 +339,7 @@ def _find_initializers(proto: Any, stand_ins: Mapping[str, torch.Tensor]) -> dic
 
 def _make_overridable(src: Path, dst: Path, tensors: Mapping[str, np.ndarray],
                       stand_ins: Mapping[str, torch.Tensor], targets: list[str],
-                      keep_external: bool = False) -> None:
+                      base_digest: int, keep_external: bool = False) -> None:
     """Copy `src` to `dst` with the stand-in factors replaced by `tensors` under their slot
     names, listed as graph inputs, and the slot layout in the metadata (weights in
     ``<dst>.data`` when `keep_external` or when protobuf could not hold them)."""
@@ -347,7 +367,7 @@ def _make_overridable(src: Path, dst: Path, tensors: Mapping[str, np.ndarray],
                 helper.make_tensor_value_info(k, elem, list(tensors[k].shape)))
     layout = _layout(tensors)
     meta = {"format": _FORMAT, "targets": targets, "slots": layout,
-            "fingerprint": _fingerprint(layout)}
+            "fingerprint": _fingerprint(layout), "base_weights": base_digest}
     for p in list(proto.metadata_props):
         if p.key == META_KEY:
             proto.metadata_props.remove(p)
@@ -473,7 +493,7 @@ def export_multi_lora(module: Any, path: str | os.PathLike, example_inputs: Any 
                               options=_replace(opts, multi_lora=False, external_data=False))
         out = tmpdir / final.name
         targets = sorted(tm.adapters())
-        _make_overridable(staged, out, tensors, stand_ins, targets)
+        _make_overridable(staged, out, tensors, stand_ins, targets, _base_digest(tm))
         abs_d, rel_d = _compare(out, tm, args, kwargs, opts.rtol, opts.atol)
         data = out.parent / (final.name + ".data")
         if data.exists():
@@ -550,8 +570,9 @@ def save_onnx_adapter(train_model: Any, path: str | os.PathLike,
     not fit it (other targets, other rank·num_masks) by an `AdapterMismatchError`.
 
     The file is onnxruntime's own format (``onnxruntime.LoraAdapter().Load`` reads it); its
-    ``adapter_version`` holds a CRC-32 of the tensors and ``model_version`` the fingerprint of
-    the slots, which `load_onnx_adapter` checks. Written atomically.
+    ``adapter_version`` holds a CRC-32 of the tensors and ``model_version`` a digest of the
+    base weights it was trained on (another base than `base`'s: a `CapaBoostWarning`), which
+    `load_onnx_adapter` checks. Written atomically.
 
     Example::
 
@@ -562,13 +583,15 @@ def save_onnx_adapter(train_model: Any, path: str | os.PathLike,
     tensors = onnx_adapter_tensors(tm)
     layout = _layout(tensors)
     if base is not None:
-        _check_fit(layout, lora_slots(base), "this fine-tune", repr(os.fspath(base)))
+        meta = _base_meta(base)
+        _check_fit(layout, meta["slots"], "this fine-tune", repr(os.fspath(base)))
+        _check_base_weights(_base_digest(tm), meta, "this fine-tune", os.fspath(base))
     from capaboost_fx.adapter_file import atomic_write
 
     def write(tmp: str) -> None:
         fmt = ort.AdapterFormat()
         fmt.set_adapter_version(_checksum(tensors))
-        fmt.set_model_version(_fingerprint(layout))
+        fmt.set_model_version(_base_digest(tm))
         fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
                             for k, v in tensors.items()})
         fmt.export_adapter(tmp)
@@ -604,10 +627,16 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise AdapterFileError(
             f"{str(p)!r} fails its checksum: its tensors changed after save_onnx_adapter "
             "wrote it (or another tool wrote it). Write it again with save_onnx_adapter.")
-    if fmt.get_model_version() != _fingerprint(_layout(tensors)):
-        raise AdapterFileError(f"{str(p)!r}: its slot fingerprint does not match its tensors; "
-                               "write it again with save_onnx_adapter.")
     return tensors
+
+
+def _check_base_weights(digest: int, meta: Mapping[str, Any], what: str, base: str) -> None:
+    if meta.get("base_weights") is not None and digest != meta["base_weights"]:
+        warnings.warn(
+            f"{what} was trained on base weights that differ from those of the multi-LoRA "
+            f"base {base!r} (a sampled digest of the targets' weights): served there, its "
+            "answers are not those of its fine-tune. Serve it on the base it was trained on.",
+            CapaBoostWarning, stacklevel=3)
 
 
 def load_onnx_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -623,8 +652,11 @@ def load_onnx_adapter(path: str | os.PathLike, base: str | os.PathLike | None = 
     """
     ort = _ort()
     tensors = read_onnx_adapter(path)
-    if slots is None and base is not None:
-        slots = lora_slots(base)
+    if base is not None:
+        meta = _base_meta(base)
+        slots = meta["slots"] if slots is None else slots
+        digest = ort.AdapterFormat.read_adapter(os.fspath(path)).get_model_version()
+        _check_base_weights(digest, meta, f"adapter {os.fspath(path)!r}", os.fspath(base))
     if slots is not None:
         _check_fit(_layout(tensors), slots, f"adapter {os.fspath(path)!r}",
                    repr(os.fspath(base)) if base is not None else "(given slots)")
@@ -676,7 +708,7 @@ class MultiLoraSession:
 
     def add(self, name: str, path: str | os.PathLike) -> None:
         """Load and check the adapter file `path` under `name` (replacing one of that name)."""
-        adapter = load_onnx_adapter(path, slots=self.slots)
+        adapter = load_onnx_adapter(path, base=self.path)
         with self._lock:
             self._adapters[name] = adapter
 
