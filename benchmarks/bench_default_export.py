@@ -78,7 +78,7 @@ def vision() -> tuple[Any, dict, dict, list[str]]:
         hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
         image_size=64, patch_size=8, num_labels=10))
     px = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    return m, {"pixel_values": px[:2]}, {"pixel_values": px}, ["*.query", "*.value"]
+    return m, {"pixel_values": px[:2]}, {"pixel_values": px}, ["*.q_proj", "*.v_proj"]
 
 
 KINDS = {"encoder": encoder, "decoder": decoder, "vision": vision}
@@ -130,7 +130,12 @@ def run_kind(kind: str, args: argparse.Namespace, workdir: str, log) -> dict[str
                                                     {"optimize": "ort"})):
         p = os.path.join(workdir, f"{kind}.{label.split()[0].replace('/', '.')}.onnx")
         t0 = time.perf_counter()
-        rep = export_onnx(folded, p, example_kwargs=example, providers="cpu", **options)
+        try:
+            rep = export_onnx(folded, p, example_kwargs=example, providers="cpu", **options)
+        except Exception as e:  # noqa: BLE001 - reported, the other files still timed
+            notes[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            seconds[label], chose[label] = float("nan"), "failed"
+            continue
         seconds[label] = round(time.perf_counter() - t0, 1)
         chose[label] = rep.optimize
         paths[label] = p
@@ -156,9 +161,10 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     out = [f"batch of 8 (64 tokens / 64×64 images), onnxruntime CPU, {args.threads} threads, "
            f"{args.rounds} interleaved rounds", ""]
     rows = []
+    missing = {"ratio": float("nan"), "iqr": [float("nan")] * 2}
     for r in results:
-        d = r["rows"]["folded/default"]
-        o = r["rows"]["folded/ort (old default)"]
+        d = r["rows"].get("folded/default", missing)
+        o = r["rows"].get("folded/ort (old default)", missing)
         rows.append([r["kind"], r["model"], f"{r['reference'].split('/')[1]} "
                      f"({r['rows'][r['reference']]['median_ms']:.1f} ms)",
                      f"{r['default_chose']['folded/default']}", f"{d['ratio']:.3f}",

@@ -347,7 +347,8 @@ def run_family(name: str) -> dict:
         sizes = len(report.verified_shapes)
         row["onnx"] = (f"fixed sizes ({report.fixed_dims}; {report.max_abs_diff:.1e})"
                        if report.fixed_dims else
-                       f"ok ({report.max_abs_diff:.1e}, {sizes} sizes)" if sizes > 1 else
+                       f"ok ({report.max_abs_diff:.1e}, {sizes} sizes, {report.optimize})"
+                       if sizes > 1 else
                        f"one size ({report.max_abs_diff:.1e}: {report.verify_notes[-1][:80]})")
         row["onnx_kind"] = report.optimize
     except Exception as e:  # noqa: BLE001 - the table reports every failure
@@ -429,7 +430,9 @@ STAGE_TITLES = {
     "transform": "transform (`capture=\"auto\"`: the path taken)",
     "train": "train (one step at another batch/sequence where the model allows)",
     "fold": "fold (folded == training module in eval, adapters acting)",
-    "onnx": "ONNX export of the folded model, verified in onnxruntime",
+    "onnx": "ONNX export of the folded model (default options), verified in onnxruntime at "
+            "two sizes; \"fixed sizes\": a batch/sequence dim the file fixes though the model "
+            "runs at other sizes",
     "peft": "PEFT LoRA on the same modules (forward + backward): the reference",
 }
 
@@ -497,6 +500,19 @@ def render(rows: list[dict], ok: dict, data: dict) -> str:
     for s in STAGES[:-1]:
         ref = f"{ok['peft']} / {n}" if s == "train" else "—"
         lines.append(f"| {STAGE_TITLES[s]} | {ok[s]} / {n} | {ref} |")
+    fixed = [r["family"] for r in rows if str(r.get("onnx", "")).startswith("fixed sizes")]
+    failed = [r["family"] for r in rows
+              if not str(r.get("onnx", "")).startswith(("ok", "fixed sizes", "one size"))]
+    lines += [
+        "",
+        f"ONNX: {ok['onnx']} of {n} files verified at two sizes with their batch and sequence "
+        f"dims dynamic; fixed sizes ({len(fixed)}): {', '.join(fixed) or 'none'} (the file "
+        "fixes a dim the PyTorch model runs at other sizes of, and says so: `export_onnx` "
+        "warns and `open_session` refuses other sizes with that message); no file "
+        f"({len(failed)}): {', '.join(failed) or 'none'}. The file's exporter is in the cell "
+        "(`torchscript`, `torchscript+ort`: the TorchScript exporter's graph, plain or "
+        "optimized by onnxruntime; `ort`/`none`: the dynamo exporter's, fused or plain).",
+    ]
     lines += [
         "",
         "PEFT's column is the bar: one LoRA training step (forward + backward) at the same "

@@ -123,3 +123,61 @@ def test_a_data_dependent_failure_hints_only_what_was_not_tried(tmp_path):
     assert "optimize='torchscript'" not in text
     assert "failed at torch.export" in text and "torch.cond" in text  # what can succeed
     assert "tried before: VerificationError" in text  # the TorchScript exporter, tried
+
+
+def _tiny(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "encoder":
+        model = tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64, num_labels=3))
+        return model, {"input_ids": IDS % 64}, ["*.query", "*.value"]
+    if kind == "decoder":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2,
+                                                 n_head=4, n_positions=64, bos_token_id=0,
+                                                 eos_token_id=0))
+        return model, {"input_ids": IDS % 64, "use_cache": False}, ["*.c_attn"]
+    model = tf.ViTForImageClassification(tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=8, num_labels=3))
+    return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, ["*.q_proj", "*.v_proj"]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "vision"])
+def test_the_default_export_follows_its_rule_for_a_model_and_its_fold(tmp_path, kind):
+    """optimize="auto": the TorchScript exporter's plain graph where it makes one that
+    verifies (encoder, vision), else the dynamo exporter's fused graph (GPT-2: TorchScript
+    lacks aten::diff); base and fold get the same graph, the fold's adapters acting."""
+    import capaboost_fx as cbx
+
+    model, example, targets = _tiny(kind)
+    model.eval()
+    tm = cbx.transform(model, cbx.Spec(targets=targets, rank=2), example_kwargs=example)
+    with torch.no_grad():
+        for a in cbx.adapters(tm).values():
+            a.B.normal_(0, 0.1)
+    folded = cbx.fold(tm.eval(), example_kwargs=example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        base = export_onnx(model, tmp_path / "base.onnx", example_kwargs=example)
+        fold = export_onnx(folded, tmp_path / "fold.onnx", example_kwargs=example)
+    want = "ort" if kind == "decoder" else "torchscript"
+    assert base.optimize == want and fold.optimize == want, (base.verify_notes,
+                                                             fold.verify_notes)
+    assert fold.verified and len(fold.verified_shapes) == 2 and fold.fixed_dims == {}
+    cmp = compare_onnx(base.path, fold.path, latency=False)
+    assert cmp.same_graph_up_to_folding, cmp.to_markdown()
+    name = fold.input_names[0]
+    x = {name: example[name]}
+    got = open_session(fold.path, providers="cpu").run(x)[fold.output_names[0]]
+    with torch.no_grad():
+        want_fold = _first(folded(**example))
+        base_out = _first(model(**example))
+    np.testing.assert_allclose(got, want_fold.numpy(), rtol=1e-3, atol=1e-4)
+    assert (want_fold - base_out).abs().max() > 1e-4  # the adapters act
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))

@@ -36,12 +36,11 @@ class ExportOptions:
     (``options=ExportOptions(...)``, e.g. shared by several exports).
 
     Attributes:
-        optimize: "auto" (default): the graph measured fastest for its kind
-            (benchmarks/bench_default_export.py, docs/deploy.md): for a module with an eager form (your
-            model, a folded model's base), the TorchScript exporter's graph, plain or fused by
-            onnxruntime's transformer optimizer, whichever runs faster at the example (timed
-            before verifying: a few runs each), the first that verifies written; the dynamo
-            exporter's graph, fused, otherwise or when those fail; "ort": onnxruntime's
+        optimize: "auto" (default): a fixed order learned from the deploy benchmarks
+            (docs/deploy.md): for a module with an eager form (your model, a fold's eager
+            model) the TorchScript exporter's plain graph, when it makes one that verifies;
+            else the dynamo exporter's graph, fused ("ort"), then plain; a fixed order, so a
+            model and its fold get the same kind of graph; "ort": onnxruntime's
             transformer fusions on the dynamo exporter's graph, the plain graph written
             instead (with a warning) should the fused one fail verification; "none": the
             exporter's graph; "fastest": the dynamo and the
