@@ -490,10 +490,11 @@ def export_multi_lora(module: Any, path: str | os.PathLike, example_inputs: Any 
             warnings.filterwarnings("ignore", message=".*training module.*")
             rep = export_onnx(serving, staged, example_inputs=args, example_kwargs=kwargs,
                               dynamic_shapes=dynamic_shapes,
-                              options=_replace(opts, multi_lora=False, external_data=False))
+                              options=_replace(opts, multi_lora=False))
         out = tmpdir / final.name
         targets = sorted(tm.adapters())
-        _make_overridable(staged, out, tensors, stand_ins, targets, _base_digest(tm))
+        _make_overridable(staged, out, tensors, stand_ins, targets, _base_digest(tm),
+                          keep_external=bool(rep.external_data))
         abs_d, rel_d = _compare(out, tm, args, kwargs, opts.rtol, opts.atol)
         data = out.parent / (final.name + ".data")
         if data.exists():
