@@ -3,6 +3,8 @@ base side by side with PEFT. Prints tables and writes JSON to benchmarks/results
 
     python benchmarks/bench_llm.py generate [--quick]
     python benchmarks/bench_llm.py qlora [--quick] [--quant int8|nf4|bnb4]
+    python benchmarks/bench_llm.py step [--quick]
+    python benchmarks/bench_llm.py reference [--quick]
 
 generate: a LLaMA-style decoder (~40M parameters; --quick: ~7M), greedy decoding of a fixed
 number of new tokens, rounds alternated between the base model's own ``generate``, the
@@ -10,6 +12,16 @@ training module's ``generate`` (graph and eager paths: the merged view, built on
 folded module's. Ratios are per round (tokens/s vs the base). Memory: the bytes of tensors
 the generation view holds that the training module does not (exact), against the targeted
 weights' bytes.
+
+step: one training step (forward, backward, AdamW) of a LLaMA-style decoder (~60M parameters;
+--quick: ~8M), batch 4 x 128, CapaBoost (q/v, r=8, d=2) on the graph and eager paths vs PEFT
+LoRA (q/v, r=8), in fp32 and under what TRL turns on by default (bf16 autocast over the fp32
+base, gradient checkpointing per layer); the arms alternate per round in one process.
+
+reference: the resident memory a DPO run holds for its reference model, in a fresh process per
+arm, right after ``DPOTrainer(...)`` is built on a ``from_pretrained`` decoder (~110M
+parameters; --quick: ~15M): ``ref_model=model`` (your untouched model, which the training
+module reads in place: no copy) vs no ``ref_model`` (TRL loads a second copy from the path).
 
 qlora: a ~270M-parameter LLaMA-style decoder (--quick: ~30M) whose decoder linears are
 quantized (torchao int8 weight-only by default), CapaBoost (q/v, r=8, d=2) vs PEFT LoRA
@@ -21,6 +33,7 @@ process, both arms over the same quantized base, alternated per round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -265,9 +278,128 @@ def bench_qlora(quick: bool, quant: str, rounds: int) -> dict:
             "step_ratio": r, "batch": list(batch["input_ids"].shape)}
 
 
+# --------------------------------------------------------------------------- step
+
+
+def _step_arms(quick: bool) -> tuple[dict, dict]:
+    from peft import LoraConfig, get_peft_model
+
+    size = (256, 4, 688, 4000, 4) if quick else (512, 8, 1376, 8000, 8)
+    ids = torch.randint(3, size[3], (4, 128))
+    batch = {"input_ids": ids, "labels": ids}
+    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=8, num_masks=2, density=0.5)
+    arms = {}
+    for ck in (False, True):
+        tag = "bf16+ckpt" if ck else "fp32"
+        for capture in ("graph", "eager"):
+            tm = cbx.transform(llama(*size), spec, example_kwargs=batch, capture=capture).train()
+            if ck:
+                tm.gradient_checkpointing_enable({"use_reentrant": False})
+            arms[f"capaboost-{capture} {tag}"] = tm
+        pm = get_peft_model(llama(*size), LoraConfig(r=8, lora_alpha=16,
+                                                      target_modules=["q_proj", "v_proj"]))
+        if ck:
+            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        arms[f"peft {tag}"] = pm.train()
+    return arms, batch
+
+
+def bench_step(quick: bool, rounds: int) -> dict:
+    arms, batch = _step_arms(quick)
+    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+            for n, m in arms.items()}
+
+    def run(name: str) -> float:
+        t0 = time.perf_counter()
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in name
+               else contextlib.nullcontext())
+        with ctx:
+            loss = arms[name](**batch).loss
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for n in arms:  # warm-up: AdamW state, the bf16 capture of the graph path
+        run(n)
+        run(n)
+    seconds = alternate({n: (lambda n=n: run(n)) for n in arms}, rounds)
+    ratios = {}
+    for tag in ("fp32", "bf16+ckpt"):
+        for capture in ("graph", "eager"):
+            target = "<= 1.00" if capture == "graph" else None
+            ratios[f"{capture} {tag}"] = ratio(seconds, f"capaboost-{capture} {tag}",
+                                               f"peft {tag}", target)
+    params = sum(p.numel() for p in arms["peft fp32"].parameters())
+    print(f"{params / 1e6:.0f}M-parameter decoder, batch {list(batch['input_ids'].shape)}, "
+          f"{rounds} rounds alternated")
+    print(table(RATIO_HEADERS, [ratio_row(f"step CapaBoost {k} / PEFT", r)
+                                for k, r in ratios.items()]))
+    return {"model_params": params, "batch": list(batch["input_ids"].shape),
+            "step_seconds": {n: summary(v) for n, v in seconds.items()}, "ratios": ratios}
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_arm(arm: str, model_dir: str) -> dict:
+    """One arm in this (fresh) process: RSS after loading, transforming, building DPOTrainer."""
+    import datasets
+    import transformers
+    import trl
+
+    start = rss_mb()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    loaded = rss_mb()
+    ids = torch.randint(3, 4000, (2, 16))
+    spec = cbx.Spec(targets=["*.q_proj", "*.v_proj"], rank=8, num_masks=2, density=0.5)
+    tm = cbx.transform(model, spec, example_kwargs={"input_ids": ids, "labels": ids})
+    transformed = rss_mb()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    pairs = datasets.Dataset.from_dict({"prompt": ["a b"] * 4, "chosen": [" c"] * 4,
+                                        "rejected": [" d"] * 4})
+    args = trl.DPOConfig(output_dir=os.path.join(model_dir, "run"), use_cpu=True,
+                         report_to="none", max_steps=1, per_device_train_batch_size=2)
+    trainer = trl.DPOTrainer(model=tm, ref_model=model if arm == "ref_model=model" else None,
+                             args=args, processing_class=tok, train_dataset=pairs)
+    built = rss_mb()
+    return {"arm": arm, "start_mb": start, "loaded_mb": loaded, "transformed_mb": transformed,
+            "trainer_mb": built, "reference_is_a_copy": trainer.ref_model is not model}
+
+
+def bench_reference(quick: bool) -> dict:
+    import tempfile
+
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from tiny_lm import char_tokenizer
+
+    size = (256, 4, 688, 4000, 4) if quick else (768, 12, 2048, 4000, 12)
+    with tempfile.TemporaryDirectory() as d:
+        model = llama(*size)
+        fp32_mb = nbytes(model.parameters()) / 2**20
+        model.save_pretrained(d)
+        char_tokenizer().save_pretrained(d)
+        del model
+        arms = {}
+        for arm in ("ref_model=model", "TRL reload (no ref_model)"):
+            proc = subprocess.run([sys.executable, __file__, "_reference_arm", arm, d],
+                                  capture_output=True, text=True, check=True)
+            arms[arm] = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [[arm, round(r["loaded_mb"] - r["start_mb"], 1),
+             round(r["trainer_mb"] - r["transformed_mb"], 1),
+             round((r["trainer_mb"] - r["transformed_mb"]) / fp32_mb, 3), r["reference_is_a_copy"]]
+            for arm, r in arms.items()]
+    print(f"decoder of {fp32_mb:.0f} MB (fp32)")
+    print(table(["reference", "model load MB", "DPOTrainer adds MB", "/ model bytes",
+                 "reference is a copy"], rows))
+    return {"fp32_mb": fp32_mb, "arms": arms, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["generate", "qlora", "_qlora_arm"])
+    p.add_argument("what", choices=["generate", "qlora", "step", "reference", "_qlora_arm",
+                                    "_reference_arm"])
     p.add_argument("args", nargs="*")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quant", default="int8", choices=["int8", "nf4", "bnb4"])
@@ -280,14 +412,21 @@ def main(argv: list[str] | None = None) -> dict:
         arm, quant = a.args
         print(json.dumps(qlora_memory_arm(arm, a.quick, quant)))
         return {}
+    if a.what == "_reference_arm":
+        print(json.dumps(reference_arm(*a.args)))
+        return {}
     contention = Contention()
     if a.what == "generate":
         data = bench_generate(a.quick, a.rounds or (4 if a.quick else 8))
+    elif a.what == "step":
+        data = bench_step(a.quick, a.rounds or (4 if a.quick else 8))
+    elif a.what == "reference":
+        data = bench_reference(a.quick)
     else:
         data = bench_qlora(a.quick, a.quant, a.rounds or (3 if a.quick else 5))
     data = {"benchmark": a.what, "quick": a.quick, "machine": machine(),
             "contention": contention.stop(), **data}
-    name = a.what if a.what == "generate" else f"qlora_{a.quant}"
+    name = a.what if a.what != "qlora" else f"qlora_{a.quant}"
     out = a.out or str(RESULTS / f"llm_{name}{'_quick' if a.quick else ''}.json")
     write_json(out, data)
     print(f"wrote {out}")
