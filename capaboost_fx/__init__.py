@@ -43,7 +43,7 @@ from .errors import (
 from .executors import FoldPlan
 from .fold import adapters, delta_weights, fold, merged_state_dict
 from .io import read_header
-from .masks import mask_kinds, register_mask
+from .masks import mask_kinds, mask_scope, register_mask
 from .model import CapaBoostModel, CaptureInfo, FoldedModel
 from .onnx import (
     CompareReport,
@@ -79,6 +79,7 @@ __all__ = [
     "load_adapter",
     "read_header",
     "register_mask",
+    "mask_scope",
     "rank_report",
     "to_peft_lora",
     "save_onnx_adapter",

@@ -11,7 +11,9 @@ Kinds:
 - ``"N:M"`` (e.g. ``"2:4"``): in every group of M consecutive entries along a factor's input
   (reduction) dimension — the columns of A (r × in) and of B (out × r) — exactly N are kept,
   the pattern sparse tensor cores accelerate. Its density is N/M;
-- any function registered with `register_mask`.
+- any function registered with `register_mask` (for the current context: a
+  ``contextvars`` scope, so threads and tasks each see their own) or added for a block of
+  code with ``with mask_scope({"name": fn}): ...``. The built-in kinds are a read-only table.
 
 A mask function has one signature::
 
@@ -22,16 +24,19 @@ It draws ONE mask of `shape` using only `generator` (called once per copy and fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
 from .errors import SpecError, TargetError
 
 MaskFn = Callable[[tuple[int, int], float, torch.Generator], torch.Tensor]
-_REGISTRY: dict[str, MaskFn] = {}
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -47,8 +52,40 @@ def kept_count(numel: int, density: float) -> int:
     return max(1, min(numel, int(numel * density + 1e-9)))
 
 
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or NM_PATTERN.match(name):
+        raise SpecError(f"register_mask: the name must be a non-empty string that is not an "
+                        f"'N:M' pattern, got {name!r}.")
+
+
+def _check_fn(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise SpecError(f"register_mask({name!r}) decorates a mask function "
+                        "fn(shape, density, generator) -> bool tensor, got "
+                        f"{type(fn).__name__}.")
+
+
+@contextlib.contextmanager
+def mask_scope(kinds: Mapping[str, MaskFn]) -> Iterator[None]:
+    """Mask kinds usable as ``Spec(mask=name)`` inside the block only.
+
+    Example:
+        >>> with mask_scope({"rows": rows}):                      # doctest: +SKIP
+        ...     tm = cbx.transform(model, cbx.Spec(targets=["*.q"], mask="rows"), ...)
+    """
+    for name, fn in kinds.items():
+        _check_name(name)
+        _check_fn(name, fn)
+    token = _KINDS.set(MappingProxyType({**_KINDS.get(), **kinds}))
+    try:
+        yield
+    finally:
+        _KINDS.reset(token)
+
+
 def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
-    """Register a mask kind usable as ``Spec(mask=name)``.
+    """Register a mask kind usable as ``Spec(mask=name)`` in the current context (the rest
+    of this thread or task; `mask_scope` adds one for a block only).
 
     Example:
         >>> @register_mask("rows")
@@ -56,16 +93,11 @@ def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
         ...     keep = torch.rand(shape[0], generator=generator) < density
         ...     return keep[:, None].expand(shape).clone()
     """
-    if not isinstance(name, str) or not name or NM_PATTERN.match(name):
-        raise SpecError(f"register_mask: the name must be a non-empty string that is not an "
-                        f"'N:M' pattern, got {name!r}.")
+    _check_name(name)
 
     def deco(fn: MaskFn) -> MaskFn:
-        if not callable(fn):
-            raise SpecError(f"register_mask({name!r}) decorates a mask function "
-                            "fn(shape, density, generator) -> bool tensor, got "
-                            f"{type(fn).__name__}.")
-        _REGISTRY[name] = fn
+        _check_fn(name, fn)
+        _KINDS.set(MappingProxyType({**_KINDS.get(), name: fn}))
         return fn
 
     return deco
@@ -73,7 +105,7 @@ def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
 
 def mask_kinds() -> list[str]:
     """Registered kinds (``"N:M"`` patterns are accepted besides these)."""
-    return sorted(_REGISTRY)
+    return sorted(_KINDS.get())
 
 
 def is_known_kind(kind: str) -> bool:
@@ -81,7 +113,7 @@ def is_known_kind(kind: str) -> bool:
     if m:
         n, mm = int(m.group(1)), int(m.group(2))
         return 0 < n <= mm
-    return kind in _REGISTRY
+    return kind in _KINDS.get()
 
 
 def nm_density(kind: str) -> float | None:
@@ -90,7 +122,6 @@ def nm_density(kind: str) -> float | None:
     return int(m.group(1)) / int(m.group(2)) if m else None
 
 
-@register_mask("random")
 def random_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
     numel = shape[0] * shape[1]
     keep = torch.randperm(numel, generator=generator)[: kept_count(numel, density)]
@@ -99,9 +130,14 @@ def random_mask(shape: tuple[int, int], density: float, generator: torch.Generat
     return mask.view(shape)
 
 
-@register_mask("bernoulli")
 def bernoulli_mask(shape: tuple[int, int], density: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator) < density
+
+
+# The built-in kinds, read-only; a context adds its own on top (`register_mask`, `mask_scope`).
+_KINDS: ContextVar[Mapping[str, MaskFn]] = ContextVar(
+    "capaboost_fx_mask_kinds",
+    default=MappingProxyType({"random": random_mask, "bernoulli": bernoulli_mask}))
 
 
 def nm_mask(n: int, m: int, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +159,7 @@ def make_masks(
 ) -> torch.Tensor:
     """The ``num_masks`` masks of one factor (``"A"`` or ``"B"``), stacked: d × *shape, bool."""
     nm = NM_PATTERN.match(kind)
-    if nm is None and kind not in _REGISTRY:
+    if nm is None and kind not in _KINDS.get():
         raise SpecError(f"unknown mask kind {kind!r}; known: {mask_kinds()} or 'N:M' (e.g. "
                         "'2:4'), or add one with capaboost_fx.register_mask.")
     if nm is None and kind != "bernoulli" and density >= 1.0:
@@ -144,7 +180,7 @@ def _call_registered(kind: str, shape: tuple[int, int], density: float, gen: tor
     """Run a registered mask function and check it returned a bool tensor of `shape`."""
     where = f"mask kind {kind!r} (target {name!r}, factor {factor})"
     try:
-        mask = _REGISTRY[kind](tuple(shape), density, gen)
+        mask = _KINDS.get()[kind](tuple(shape), density, gen)
     except Exception as e:  # the user's function failed: say which one, keep the cause
         raise SpecError(f"{where}: the mask function raised {type(e).__name__}: {e}") from e
     if not isinstance(mask, torch.Tensor):

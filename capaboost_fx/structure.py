@@ -10,14 +10,29 @@ import torch
 from torch import nn
 
 
+def _dense_subclasses() -> tuple[type, ...]:
+    """Tensor subclasses that hold dense values: sharded (FSDP2), fake and functional ones."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    out: tuple[type, ...] = (FakeTensor, FunctionalTensor)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        out += (DTensor,)
+    return out
+
+
+_DENSE_SUBCLASSES = _dense_subclasses()
+
+
 def is_quantized(t: Any) -> bool:
     """A weight stored in a form other than a dense float tensor (a tensor subclass that is
     neither ``nn.Parameter`` nor a distributed ``DTensor``, or a packed integer weight)."""
     if not isinstance(t, torch.Tensor):
         return False
     cls = type(t)
-    if cls in (torch.Tensor, nn.Parameter) or cls.__name__ in ("DTensor", "FakeTensor",
-                                                               "FunctionalTensor"):
+    if cls in (torch.Tensor, nn.Parameter) or issubclass(cls, _DENSE_SUBCLASSES):
         return False
     if issubclass(cls, nn.Parameter) and t.is_floating_point():
         # nn.Parameter subclasses over a plain float tensor are dense unless they carry

@@ -57,10 +57,10 @@ def test_wrongly_shaped_example_inputs() -> None:
     (lambda shape: [[True] * shape[1]] * shape[0], "returned list, expected a bool tensor"),
 ])
 def test_bad_registered_mask_function_is_a_spec_error(result, text) -> None:
-    name = f"bad-test-{abs(hash(text))}"
-    cbx.register_mask(name)(lambda shape, density, generator: result(shape))
+    name = "bad-test"
     model = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(cbx.SpecError, match=f"mask kind '{name}'.*{text}") as info:
+    with (cbx.mask_scope({name: lambda shape, density, generator: result(shape)}),
+          pytest.raises(cbx.SpecError, match=f"mask kind '{name}'.*{text}") as info):
         cbx.transform(model, cbx.Spec(targets=["0"], rank=4, mask=name), (torch.randn(3, 8),))
     assert isinstance(info.value, ValueError)
 
@@ -74,6 +74,6 @@ def test_mask_module_raises_only_library_errors() -> None:
         make_masks("nope", (4, 8), 2, 0.5, 0, "t", "A")
     with pytest.raises(cbx.TargetError, match="divisible by 4"):
         nm_mask(2, 4, (4, 10), torch.Generator())
-    cbx.register_mask("raising-test")(lambda *a: 1 / 0)
-    with pytest.raises(cbx.SpecError, match="'raising-test'.*ZeroDivisionError"):
+    with (cbx.mask_scope({"raising-test": lambda *a: 1 / 0}),
+          pytest.raises(cbx.SpecError, match="'raising-test'.*ZeroDivisionError")):
         make_masks("raising-test", (4, 8), 2, 0.5, 0, "t", "A")

@@ -54,16 +54,17 @@ def test_bernoulli_density_and_seeds() -> None:
 
 
 def test_registered_mask_function() -> None:
-    @cbx.register_mask("first-rows-test")
     def first_rows(shape, density, generator):
         mask = torch.zeros(shape, dtype=torch.bool)
         mask[: max(1, int(shape[0] * density))] = True
         return mask
 
-    assert "first-rows-test" in cbx.mask_kinds()
-    model = nn.Sequential(nn.Linear(8, 8))
-    tm = cbx.transform(model, cbx.Spec(targets=["0"], rank=4, mask="first-rows-test"),
-                       (torch.randn(2, 8),))
+    with cbx.mask_scope({"first-rows-test": first_rows}):
+        assert "first-rows-test" in cbx.mask_kinds()
+        model = nn.Sequential(nn.Linear(8, 8))
+        tm = cbx.transform(model, cbx.Spec(targets=["0"], rank=4, mask="first-rows-test"),
+                           (torch.randn(2, 8),))
+    assert "first-rows-test" not in cbx.mask_kinds()  # scoped: gone after the block
     a = cbx.adapters(tm)["0"]
     assert a.mask_A[:, :2].all() and not a.mask_A[:, 2:].any()
     with pytest.raises(cbx.SpecError, match="register_mask"):

@@ -69,7 +69,10 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, str] | None:
     weight = module._parameters.get("weight")
     if weight is None:
         return None
-    if type(module).__name__ == "Conv1D" and weight.dim() == 2:  # Hugging Face GPT-2 style
+    if weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1] and getattr(
+            module, "nx", weight.shape[0]) == weight.shape[0]:
+        # GPT-2's Conv1D (y = x W + b, W stored in x out, nf = out features); its own
+        # attributes say so, whatever library defines it
         return weight.shape[0], weight.shape[1], "in_out"
     i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
     if isinstance(i, int) and isinstance(o, int):
