@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from .adapter_file import atomic_write
-from .errors import MissingDependencyError, TargetError
-from .model import require_training
+from .errors import MissingDependencyError, NotTransformedError, TargetError
 
 
 def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
@@ -86,7 +85,11 @@ def to_peft_lora(train_model: Any, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    tm = require_training(train_model, "to_peft_lora()")
+    tm = train_model
+    if not isinstance(getattr(tm, "adapter_paths", None), dict):  # a training module's registry
+        raise NotTransformedError(
+            f"to_peft_lora() needs a transformed module, got {type(tm).__name__}: pass the "
+            "module capaboost_fx.transform(model, spec, ...) returned (not the folded one).")
     tensors, ranks, alphas, layouts = _lora_tensors(tm)
     modules_to_save = _modules_to_save(tm, tensors)
     r = Counter(ranks.values()).most_common(1)[0][0]

@@ -9,9 +9,8 @@ levels: `verify_onnx`), **choose** the first that passed (or the fastest), and *
 onto `path` atomically (external weight data included). Options are one typed object,
 `ExportOptions`; a failure is a short `ExportError` (`failure.export_failure`).
 
-Example::
+Example (``cbx`` is ``capaboost_fx``)::
 
-    import capaboost_fx as cbx
     rep = cbx.export_onnx(cbx.fold(train_model), "model.onnx", example_kwargs=batch)
     rep.fusions          # {"attention": 6, "bias_gelu": 6, "skip_layer_normalization": 12, ...}
     rep.input_shapes     # {"input_ids": ["batch", "sequence"], ...}
@@ -20,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +67,7 @@ __all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportOptions", "ExportReport", "export_o
 # form and the exporter makes a graph that verifies, else the dynamo exporter's (fused, then
 # plain): a fixed order, learned from benchmarks/bench_default_export.py and bench_deploy.py
 # (docs/deploy.md), so that a model and its fold get the same kind of graph every time.
+# Generative models keep the dynamo exporter first (`_plan`).
 # "dynamo-eager": the dynamo exporter over a folded module's eager model (Dim.AUTO), for a
 # folded graph the exporter cannot translate.
 PLAN = {"auto": ("torchscript", "dynamo", "dynamo-eager"),
@@ -192,6 +193,22 @@ def _make(exporter: str, call: ExampleCall, opts: ExportOptions, tmpdir: Path, f
     return [c for c in staged if opts.optimize not in ("none", "auto") or c.kind == "torchscript"]
 
 
+def _generative(module: nn.Module) -> bool:
+    """A model that generates (a Hugging Face causal or seq2seq LM: it has ``generate``)."""
+    eager = eager_module(module) or module
+    return callable(getattr(eager, "generate", None))
+
+
+def _plan(call: ExampleCall, opts: ExportOptions) -> tuple[str, ...]:
+    """The exporters to try, in order. "auto" puts the TorchScript exporter first where it
+    was measured fastest (encoders, vision models, plain modules) and keeps the dynamo
+    exporter first for generative models (decoder and seq2seq LMs: the dynamo graphs were as
+    fast as any there, and the TorchScript exporter cannot make GPT-2's): docs/deploy.md."""
+    if opts.optimize == "auto" and _generative(call.module):
+        return ("dynamo", "torchscript", "dynamo-eager")
+    return PLAN[opts.optimize]
+
+
 def _fail(call: ExampleCall, final: Path, text: str) -> None:
     call.notes.append(text)
     warnings.warn(f"{final}: {text}", RuntimeWarning, stacklevel=4)
@@ -231,14 +248,15 @@ def _make_and_check(call: ExampleCall, opts: ExportOptions, tmpdir: Path,
     passed: list[Candidate] = []
     errors: list[Exception] = []
     plain = None
-    for exporter in PLAN[opts.optimize]:
+    for exporter in _plan(call, opts):
         if passed and opts.optimize != "fastest":
             break
         try:
             staged = _make(exporter, call, opts, tmpdir, final, plain)
         except ExportError as e:
             errors.append(e)
-            later = PLAN[opts.optimize][PLAN[opts.optimize].index(exporter) + 1:]
+            plan = _plan(call, opts)
+            later = plan[plan.index(exporter) + 1:]
             if [x for x in later if x != "dynamo-eager" or _eager_call(call) is not None]:
                 _fail(call, final, f"the {exporter} exporter failed: {e}")
             continue
@@ -413,6 +431,9 @@ def export_onnx(
     opts = ExportOptions.of(options, option_fields)
     if opts.multi_lora:  # one base, adapters switched per run: its own module
         from capaboost_fx.onnx.multi_lora import export_multi_lora
+
+        if opts.optimize == "auto":  # its adapters are found in the dynamo exporter's graph
+            opts = dataclasses.replace(opts, optimize="ort")
 
         return export_multi_lora(module, path, example_inputs, example_kwargs,
                                  dynamic_shapes=dynamic_shapes, options=opts)

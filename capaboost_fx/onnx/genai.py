@@ -7,9 +7,8 @@ fp32/fp16/bf16/int8/int4 for cpu/cuda/dml/webgpu; LLaMA, Qwen, Phi, Mistral, Gem
 builder's list), and checks that greedy generation with onnxruntime-genai gives the tokens
 ``transformers``' ``generate`` gives. Needs ``pip install "capaboost-fx[genai]"``; runs offline.
 
-Example::
+Example (``cbx`` is ``capaboost_fx``)::
 
-    import capaboost_fx as cbx
     from capaboost_fx.onnx.genai import export_genai
     rep = export_genai(train_model, "llm_onnx", base_model=model, tokenizer_dir="path/to/hf_dir")
     rep.tokens_match, rep.onnx_tokens

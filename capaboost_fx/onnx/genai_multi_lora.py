@@ -72,8 +72,7 @@ def _unmerged_model(tm: Any) -> nn.Module:
     """Your model's class and structure with its original (unmerged) weights: the fold's
     structure, each target's weight put back to the training module's W0 (shared, not
     copied; your model is not touched)."""
-    structure = _inner(tm.fold() if callable(getattr(type(tm), "fold", None))
-                       else __import__("capaboost_fx").fold(tm))
+    structure = _inner(tm.fold())
     shell = _inner(tm)
     for name, a in tm.adapters().items():
         owner = structure.get_submodule(name)
@@ -87,9 +86,9 @@ def _peft_stand_ins(tm: Any, folder: Path, stand_ins: dict[str, torch.Tensor]) -
     scaling 1, so the builder writes them unchanged (found again by their bytes)."""
     from safetensors.torch import save_file
 
-    import capaboost_fx
+    from capaboost_fx.peft_export import to_peft_lora
 
-    capaboost_fx.to_peft_lora(tm, folder)
+    to_peft_lora(tm, folder)
     tensors = {}
     for name in tm.adapters():
         na, nb = slot_names(name)
@@ -202,8 +201,7 @@ def export_genai_multi_lora(train_model: Any, out_dir: str | os.PathLike, *,
     prompt = [int(t) for t in prompt_ids]
     report.prompt_ids = prompt
     report.onnx_tokens = _greedy_genai(out, prompt, new_tokens)
-    folded = tm.fold() if callable(getattr(type(tm), "fold", None)) else \
-        __import__("capaboost_fx").fold(tm)
+    folded = tm.fold()
     with torch.no_grad():
         got = folded.generate(torch.tensor([prompt]), do_sample=False,
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -17,9 +17,8 @@ fine-tune with the same targets and ranks as onnxruntime's ``.onnx_adapter`` fil
 base weights it was trained on); `load_onnx_adapter` checks both (and the slots: names,
 shapes, dtypes) before onnxruntime sees the file; `MultiLoraSession` serves one base with many adapters, one per ``run``, from any thread.
 
-Example::
+Example (``cbx`` is ``capaboost_fx``)::
 
-    import capaboost_fx as cbx
     cbx.export_onnx(tm_a, "base.onnx", example_kwargs=batch, multi_lora=True)
     cbx.save_onnx_adapter(tm_b, "tenant_b.onnx_adapter", base="base.onnx")
     sess = cbx.MultiLoraSession("base.onnx", {"b": "tenant_b.onnx_adapter"})
@@ -95,9 +94,7 @@ def slot_names(target: str) -> tuple[str, str]:
 
 def _inner(module: nn.Module) -> nn.Module:
     """Your model's structure inside a training or deploy module (PEFT's ``get_base_model``)."""
-    if callable(getattr(type(module), "get_base_model", None)):
-        return module.get_base_model()
-    return module.base_model
+    return module.get_base_model()
 
 
 def _check_servable(tm: CapaBoostModel) -> dict[str, Any]:
@@ -228,6 +225,12 @@ _LOCK = threading.Lock()
 # --------------------------------------------------------------------------- the base module
 
 
+def _stores_in_out(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (y = x W + b, W in x out): its own ``nf`` attribute says so."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and getattr(module, "nf", None) == w.shape[1]
+
+
 class _LoraLinear(nn.Module):
     """``x·W (+ LoRA path) + bias``: the unmerged linear module and its LoRA path, the path added
     before the bias so that graph fusions matching "MatMul then bias Add" (onnxruntime's
@@ -240,7 +243,7 @@ class _LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(lora_b, requires_grad=False)
         # nn.Linear (out × in) or a Conv1D-style module (in × out, x @ W + b); else base(x)
         self.kind = ("linear" if isinstance(base, nn.Linear) else
-                     "conv1d" if type(base).__name__ == "Conv1D" else "module")
+                     "conv1d" if _stores_in_out(base) else "module")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         lora = torch.matmul(torch.matmul(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
@@ -268,10 +271,8 @@ def _placeholders(tensors: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def _serving_module(tm: CapaBoostModel, stand_ins: Mapping[str, torch.Tensor]) -> nn.Module:
     """Your model's structure with each target unmerged (its training module's W0, shared, never
     written) and wrapped in `_LoraLinear` holding the stand-in factors."""
-    import capaboost_fx
-
     # module objects of its own; tensors shared with the training module, targets merged
-    structure = _inner(capaboost_fx.fold(tm))
+    structure = _inner(tm.fold())
     shell = _inner(tm)
     for name, a in tm.adapters().items():
         w0 = shell.get_parameter(a.weight_fqn)
