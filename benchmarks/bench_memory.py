@@ -21,19 +21,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import common
 import torch
-from common import (
-    RATIO_HEADERS,
-    Context,
-    Settings,
-    TrainConfig,
-    alternate,
-    ratio,
-    ratio_row,
-    summary,
-    table,
-    train_step,
-)
 
 RATIOS = [
     ("capaboost_d2", "peft_r8", "<= 1.10"),
@@ -46,7 +35,7 @@ RATIOS = [
 ]
 
 
-def resident_bytes(cfg: TrainConfig, opt: torch.optim.Optimizer) -> int:
+def resident_bytes(cfg: common.TrainConfig, opt: torch.optim.Optimizer) -> int:
     """Bytes of distinct storages held by the module's parameters and buffers, their grads,
     and the optimizer state."""
     seen: dict[int, int] = {}
@@ -67,7 +56,7 @@ def resident_bytes(cfg: TrainConfig, opt: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
-def step_peak(cfg: TrainConfig, opt: torch.optim.Optimizer,
+def step_peak(cfg: common.TrainConfig, opt: torch.optim.Optimizer,
               batch: dict[str, torch.Tensor]) -> dict[str, int]:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
@@ -75,7 +64,7 @@ def step_peak(cfg: TrainConfig, opt: torch.optim.Optimizer,
     gc.collect()
     resident = resident_bytes(cfg, opt)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(cfg, opt, batch)
+        common.train_step(cfg, opt, batch)
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -92,12 +81,12 @@ def step_peak(cfg: TrainConfig, opt: torch.optim.Optimizer,
             "peak": resident + peak, "events": len(events)}
 
 
-def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
+def run(st: common.Settings, ctx: common.Context, log=print) -> dict[str, Any]:
     cfgs = ctx.configs()
     batch = ctx.batch
     opts = {n: c.optimizer() for n, c in cfgs.items()}
     for n, c in cfgs.items():
-        train_step(c, opts[n], batch)  # AdamW state exists from here on
+        common.train_step(c, opts[n], batch)  # AdamW state exists from here on
     detail: dict[str, list[dict[str, int]]] = {n: [] for n in cfgs}
 
     def measure(n: str):
@@ -108,7 +97,7 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
         return fn
 
     rounds = 1 if st.quick else 2
-    samples = alternate({n: measure(n) for n in cfgs}, rounds)
+    samples = common.alternate({n: measure(n) for n in cfgs}, rounds)
     extra = {n: [float(r["step_peak_extra"]) for r in rs] for n, rs in detail.items()}
     mib = 2.0 ** 20
     return {
@@ -116,11 +105,11 @@ def run(st: Settings, ctx: Context, log=print) -> dict[str, Any]:
                   "alloc/free events over one steady-state training step, plus the bytes of "
                   "parameters, buffers and AdamW state resident at the start of the step",
         "rounds": rounds,
-        "peak_MiB": {n: summary([v / mib for v in s]) for n, s in samples.items()},
-        "step_extra_MiB": {n: summary([v / mib for v in s]) for n, s in extra.items()},
+        "peak_MiB": {n: common.summary([v / mib for v in s]) for n, s in samples.items()},
+        "step_extra_MiB": {n: common.summary([v / mib for v in s]) for n, s in extra.items()},
         "resident_MiB": {n: detail[n][0]["resident"] / mib for n in cfgs},
-        "ratios": [ratio(samples, a, b, t) for a, b, t in RATIOS],
-        "ratios_step_extra": [ratio(extra, a, b) for a, b, _ in RATIOS],
+        "ratios": [common.ratio(samples, a, b, t) for a, b, t in RATIOS],
+        "ratios_step_extra": [common.ratio(extra, a, b) for a, b, _ in RATIOS],
     }
 
 
@@ -129,11 +118,11 @@ def report(res: dict[str, Any]) -> str:
              res["step_extra_MiB"][n]["median"]] for n in res["peak_MiB"]]
     return "\n".join([
         "### Peak memory of a training step (MiB)", f"method: {res['method']}",
-        table(["config", "peak", "resident state", "step extra (activations, grads, temps)"],
+        common.table(["config", "peak", "resident state", "step extra (activations, grads, temps)"],
               rows), "",
         "### Peak memory ratios (whole step peak)",
-        table(RATIO_HEADERS, [ratio_row(f"{r['a']} / {r['b']}", r) for r in res["ratios"]]),
+        common.table(common.RATIO_HEADERS, [common.ratio_row(f"{r['a']} / {r['b']}", r) for r in res["ratios"]]),
         "", "### Ratios of the step's extra bytes only (without weights)",
-        table(RATIO_HEADERS, [ratio_row(f"{r['a']} / {r['b']}", r)
+        common.table(common.RATIO_HEADERS, [common.ratio_row(f"{r['a']} / {r['b']}", r)
                               for r in res["ratios_step_extra"]]),
     ])

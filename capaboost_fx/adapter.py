@@ -226,6 +226,19 @@ class CapaBoostAdapter(nn.Module):
         )
 
 
+def not_lora_form(name: str, a: CapaBoostAdapter) -> str | None:
+    """Why adapter `a` of target `name` is not a module's LoRA pair (A_cat, B_cat on its
+    ``weight``), which LoRA runtimes (PEFT, onnxruntime adapters) need; None when it is."""
+    if a.layout == "param":
+        return f"target {name!r} is a stacked expert parameter, not a module's linear weight"
+    if not a.linear:
+        return (f"target {name!r} is not a LoRA-form adapter (nonlinear activation or "
+                "sequential placement)")
+    if a.weight_fqn != f"{name}.weight":
+        return f"target {name!r} is the parameter {a.weight_fqn!r}, not a module's 'weight'"
+    return None
+
+
 class DenseAdapter(nn.Module):
     """A folded parallel adapter: ``s · up(act(down x))`` with dense down (d·r × in) and up
     (out × d·r), what a nonlinear CapaBoost parallel adapter folds to (no masks, no loop)."""

@@ -40,7 +40,7 @@ from torch import fx, nn
 
 from .adapter import CapaBoostAdapter, DenseAdapter
 from .errors import CapaBoostError, CaptureError, FoldError, InputError
-from .merge import foldable, merged_weights, structure_copy
+from .merge import foldable, merged_weights, refuse_nonlinear, structure_copy
 from .passes.capture import BASE, CONSTANTS, Captured, capture_graph, replace_tensor, to_meta
 from .passes.diagnose import (
     call_error,
@@ -303,12 +303,8 @@ class EagerExecutor(Executor):
         return super().generation_view(module)
 
     def deploy(self, module: nn.Module, shell: nn.Module) -> tuple[Executor, dict, dict]:
-        nonlinear = [n for n, a in module.adapters().items() if not foldable(a)]
-        if nonlinear:
-            raise FoldError(
-                f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
-                "(nonlinear, or sequential after an op without bias); in eager mode fold "
-                "needs adapters that merge into the weights.")
+        refuse_nonlinear(module.adapters(),
+                         "in eager mode fold needs adapters that merge into the weights")
         return EagerExecutor(self.block_names), {}, {}
 
 

@@ -77,6 +77,15 @@ def dense_weight(module: nn.Module | None, weight: torch.Tensor, layout: str = "
     return w_t.T.contiguous() if layout == "out_in" else w_t.contiguous()
 
 
+def refuse_nonlinear(adapters: Mapping[str, CapaBoostAdapter], what_to_do: str) -> None:
+    """A `FoldError` when an adapter cannot merge into its weight, saying `what_to_do`."""
+    nonlinear = [n for n, a in adapters.items() if not foldable(a)]
+    if nonlinear:
+        raise FoldError(
+            f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
+            f"(nonlinear, or sequential after an op without bias); {what_to_do}.")
+
+
 def foldable(a: CapaBoostAdapter) -> bool:
     """Folds into the model's own weights: LoRA-like adapters, and sequential adapters with an
     identity activation after an op that adds a bias (W' = (I+M)W, b' = (I+M)b + c)."""

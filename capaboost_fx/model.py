@@ -33,7 +33,7 @@ from .adapter import CapaBoostAdapter
 from .adapter_file import ADAPTER_FILE, HEADER_KEY, check_state_header, state_header, write_adapter
 from .errors import CapaBoostError, FoldError, NotTransformedError
 from .hf_face import ModelFace, TrainingFace
-from .merge import base_weight, foldable, merged_weights, structure_copy
+from .merge import base_weight, foldable, merged_weights, refuse_nonlinear, structure_copy
 from .structure import is_quantized, is_sharded
 
 
@@ -247,12 +247,7 @@ class CapaBoostModel(TrainingFace, _Module):
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Your model's ``state_dict`` keys with merged weights (`capaboost_fx.merged_state_dict`)."""
-        nonlinear = [n for n, a in self.adapters().items() if not foldable(a)]
-        if nonlinear:
-            raise FoldError(
-                f"targets {nonlinear[:3]} use an adapter that no weight of the model can hold "
-                "(nonlinear, or sequential after an op without bias); use fold() (it keeps one "
-                "dense width-d·r adapter each).")
+        refuse_nonlinear(self.adapters(), "use fold() (it keeps one dense width-d·r adapter each)")
         merged = merged_weights(self.wrapped, self.adapters())
         if is_sharded(self.wrapped):  # the sharded modules themselves: their state, merged
             own = {f"{p}.{n}" for p in self.adapter_paths.values()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .adapter import not_lora_form
 from .adapter_file import atomic_write
 from .errors import MissingDependencyError, NotTransformedError, TargetError
 
@@ -31,18 +32,10 @@ def _lora_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, int],
     alphas: dict[str, float] = {}
     layouts = set()
     for name, a in tm.adapters().items():
-        if a.layout == "param":
-            raise TargetError(f"target {name!r} is a stacked expert parameter: this exporter "
-                              "writes LoRA on modules only. Use save_adapter or fold.")
-        if not a.linear:
-            raise TargetError(f"target {name!r} is not a LoRA-form adapter (nonlinear or "
-                              "sequential); LoRA runtimes "
-                              "cannot run it. Use fold() or save_adapter.")
-        if not a.weight_fqn.endswith(".weight") or a.weight_fqn != f"{name}.weight":
-            raise TargetError(
-                f"target {name!r} is the parameter {a.weight_fqn!r}, not a module's 'weight': "
-                "PEFT LoRA can only target modules. Exclude it, or use save_adapter / fold."
-            )
+        why = not_lora_form(name, a)
+        if why:
+            raise TargetError(f"{why}: PEFT LoRA runs A/B pairs on modules only. Exclude it, "
+                              "or use save_adapter / fold.")
         a_cat, b_cat = (t.detach().float().cpu().contiguous() for t in a.factors())
         tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat
         tensors[f"base_model.model.{name}.lora_B.weight"] = b_cat

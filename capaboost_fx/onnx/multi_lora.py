@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capaboost_fx.adapter import not_lora_form
 from capaboost_fx.errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
@@ -109,17 +110,10 @@ def _check_servable(tm: CapaBoostModel) -> dict[str, Any]:
             "fine-tunes folded (one file each: export_onnx(fold(train_model), ...)), or train "
             "without spec.trainable to serve them as adapters on one base.")
     for name, a in ads.items():
-        if a.layout == "param":
-            raise TargetError(f"target {name!r} is a stacked expert parameter: multi-LoRA "
-                              "serving adapts linear modules only. Exclude it, or fold.")
-        if not a.linear:
-            raise TargetError(f"target {name!r} is not a LoRA-form adapter (nonlinear "
-                              "activation or sequential placement): it is no A/B pair a run "
-                              "can swap. Fold it instead (export_onnx(fold(train_model), ...)).")
-        if a.weight_fqn != f"{name}.weight":
-            raise TargetError(
-                f"target {name!r} adapts the parameter {a.weight_fqn!r}, not a module's "
-                "'weight': multi-LoRA serving wraps modules. Exclude it, or fold.")
+        why = not_lora_form(name, a)
+        if why:
+            raise TargetError(f"{why}: it is no A/B pair a run can swap. Exclude it, or fold it "
+                              "(export_onnx(fold(train_model), ...)).")
     return ads
 
 
