@@ -6,8 +6,11 @@ Commands:
   ``package.module:factory`` or ``path/to/file.py:factory`` (a callable returning
   ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``; a dict as second
   item is taken as keyword inputs), or a Hugging Face model directory (loaded offline, fed
-  random token ids or pixels). ``--optimize ort|none|fastest|torchscript|torchscript+ort`` (default ort: onnxruntime
-  fusions; fastest: every exporter path verified and timed, the fastest written),
+  random token ids or pixels). ``--optimize auto|ort|none|fastest|torchscript|torchscript+ort``
+  (default auto: the TorchScript exporter's graph where it verifies, the dynamo exporter's
+  fused graph for generative models or as the fallback; ort: onnxruntime fusions on the
+  dynamo graph; fastest: every exporter
+  path verified and timed, the fastest written),
   ``--quantize int8`` (dynamic int8).
 - ``onnx-adapter --model MODEL --adapter ADAPTER --out FILE.onnx_adapter [--base BASE.onnx]``:
   a fine-tune as an onnxruntime adapter file for a multi-LoRA base (``export --multi-lora``).
@@ -147,10 +150,14 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
     p.add_argument(
         "--optimize",
-        choices=("ort", "none", "fastest", "torchscript", "torchscript+ort"),
-        default="ort",
-        help="ort (default): onnxruntime's transformer fusions (Attention, SkipLayerNormalization, "
-        "BiasGelu, ...); none: the exporter's plain graph; fastest: make the dynamo and "
+        choices=("auto", "ort", "none", "fastest", "torchscript", "torchscript+ort"),
+        default="auto",
+        help="auto (default): the TorchScript exporter's plain graph where it makes one that "
+        "verifies (not for generative models), else the dynamo exporter's fused graph "
+        "(measured fastest: docs/deploy.md); "
+        "ort: onnxruntime's transformer fusions on the dynamo exporter's graph (Attention, "
+        "SkipLayerNormalization, BiasGelu, ...); none: the exporter's plain graph; fastest: make "
+        "the dynamo and "
         "TorchScript exporters' graphs (plain and fused), verify and time each at the example "
         "batch, write the fastest; torchscript / torchscript+ort: pin one of those",
     )

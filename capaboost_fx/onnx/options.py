@@ -38,7 +38,8 @@ class ExportOptions:
     Attributes:
         optimize: "auto" (default): a fixed order learned from the deploy benchmarks
             (docs/deploy.md): for a module with an eager form (your model, a fold's eager
-            model) the TorchScript exporter's plain graph, when it makes one that verifies;
+            model) that does not generate, the TorchScript exporter's plain graph, when it
+            makes one that verifies (generative models: the dynamo exporter first);
             else the dynamo exporter's graph, fused ("ort"), then plain; a fixed order, so a
             model and its fold get the same kind of graph; "ort": onnxruntime's
             transformer fusions on the dynamo exporter's graph, the plain graph written
