@@ -32,6 +32,7 @@ from ._version import __version__
 from .adapter import CapaBoostAdapter, whole_tensor
 from .errors import (
     AdapterFileError,
+    CollectiveError,
     FileWriteError,
 )
 from .structure import weight_shape
@@ -250,6 +251,30 @@ def adapter_tensors(tm: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], l
     return tensors, targets, trainable
 
 
+def gather_guard(tm: Any, what: str) -> None:
+    """Before gathering sharded tensors (FSDP2), which every rank must do together: on a gloo
+    process group a monitored barrier turns a call made on some ranks only into a clear
+    `CollectiveError` (after ``CAPABOOST_FX_COLLECTIVE_TIMEOUT`` seconds, default 120),
+    instead of a hang or an abort. NCCL has no monitored barrier: there such a call waits."""
+    import datetime
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if dist.get_backend() != "gloo" or not any(hasattr(p, "full_tensor")
+                                               for p in tm.parameters()):
+        return
+    seconds = float(os.environ.get("CAPABOOST_FX_COLLECTIVE_TIMEOUT", "120"))
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as e:
+        raise CollectiveError(
+            f"{what} gathers the sharded adapters from every rank, so every rank must call it; "
+            f"rank {dist.get_rank()} waited {seconds:g} s and not all ranks came "
+            f"({str(e).splitlines()[0][:200]}). Call it on every rank and write on one: "
+            "train_model.save_pretrained(dir, is_main_process=rank == 0).") from None
+
+
 def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool | None = None) -> Path:
     """Write the adapter file of training module `tm` (see the module docstring). After
     per-block FSDP2 this is a collective: every rank must call it (sharded tensors are
@@ -260,6 +285,7 @@ def write_adapter(tm: Any, path: str | os.PathLike, main_process: bool | None = 
     if main_process is None:
         dist = torch.distributed
         main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    gather_guard(tm, "save_adapter / save_pretrained")
     tensors, targets, trainable = adapter_tensors(tm)
     if not main_process:
         return Path(path)

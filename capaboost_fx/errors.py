@@ -142,3 +142,7 @@ def close_names(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
                      difflib.SequenceMatcher(None, probe, c.rsplit(".", 1)[-1]).ratio())
               for c in candidates}
     return sorted(scored, key=lambda c: -scored[c])[:n]
+
+
+class CollectiveError(CapaBoostError, RuntimeError):
+    """A call that gathers sharded tensors (after FSDP2) was not made on every rank."""

@@ -30,7 +30,14 @@ import torch
 from torch import fx, nn
 
 from .adapter import CapaBoostAdapter
-from .adapter_file import ADAPTER_FILE, HEADER_KEY, check_state_header, state_header, write_adapter
+from .adapter_file import (
+    ADAPTER_FILE,
+    HEADER_KEY,
+    check_state_header,
+    gather_guard,
+    state_header,
+    write_adapter,
+)
 from .errors import CapaBoostError, FoldError, NotTransformedError
 from .hf_face import ModelFace, TrainingFace
 from .merge import base_weight, foldable, merged_weights, refuse_nonlinear, structure_copy
@@ -248,8 +255,11 @@ class CapaBoostModel(TrainingFace, _Module):
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Your model's ``state_dict`` keys with merged weights (`capaboost_fx.merged_state_dict`)."""
         refuse_nonlinear(self.adapters(), "use fold() (it keeps one dense width-d·r adapter each)")
+        sharded = is_sharded(self.wrapped)
+        if sharded:
+            gather_guard(self, "merged_state_dict")
         merged = merged_weights(self.wrapped, self.adapters())
-        if is_sharded(self.wrapped):  # the sharded modules themselves: their state, merged
+        if sharded:  # the sharded modules themselves: their state, merged
             own = {f"{p}.{n}" for p in self.adapter_paths.values()
                    for n, _ in self.wrapped.get_submodule(p).named_parameters()}
             return {k: merged.get(k, v) for k, v in self.wrapped.state_dict().items()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation checkpointing on every block")
     parser.add_argument("--family", default="bert", choices=["bert", *DECODERS])
     parser.add_argument("--capture", default="auto", choices=["auto", "graph", "eager"])
+    parser.add_argument("--rank0-save", action="store_true",
+                        help="show the mistake: save_pretrained on rank 0 only (a collective "
+                             "under FSDP2), and write the error it gives to rank0_error.txt")
     args = parser.parse_args(argv)
 
     dist.init_process_group(args.backend)
@@ -163,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                  for n, p in tm.named_parameters() if p.requires_grad}
     else:
         state = {n: p.detach() for n, p in tm.named_parameters() if p.requires_grad}
+    if args.rank0_save:
+        return _rank0_save(tm, rank, Path(args.out))
     # Every rank calls these (sharded tensors are gathered); rank 0 writes.
-    tm.save_pretrained(Path(args.out) / "adapter")
+    tm.save_pretrained(Path(args.out) / "adapter", is_main_process=rank == 0)
     targets = {a.weight_fqn for a in adapters.values()}
     merged = {k: v.detach().contiguous() for k, v in cbx.merged_state_dict(tm).items()
               if k in targets}
@@ -188,6 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     dist.barrier()
     dist.destroy_process_group()
+    return 0
+
+
+def _rank0_save(tm: Any, rank: int, out: Path) -> int:
+    """save_pretrained on rank 0 alone: a CollectiveError there (gloo), never a hang."""
+    import time
+
+    if rank == 0:
+        try:
+            tm.save_pretrained(out / "adapter")
+            message = "no error"
+        except cbx.CollectiveError as e:
+            message = f"CollectiveError: {e}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rank0_error.txt").write_text(message)
+    else:  # stays up (not calling) until rank 0's wait is over
+        time.sleep(float(os.environ.get("CAPABOOST_FX_COLLECTIVE_TIMEOUT", "120")) + 3)
     return 0
 
 

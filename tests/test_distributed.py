@@ -131,3 +131,19 @@ def test_decoders_under_per_block_fsdp2_save_and_fold(family, engine, capture,
     assert set(merged) == {a.weight_fqn for a in cbx.adapters(back).values()}
     for k, v in merged.items():
         torch.testing.assert_close(v, ref_merged[k], rtol=1e-9, atol=1e-11)
+
+
+def test_a_save_on_rank_0_only_is_a_clear_error(tmp_path: Path) -> None:
+    """save_pretrained after per-block FSDP2 is a collective: called on rank 0 alone it raises
+    a CollectiveError naming the pattern (gloo), not a hang or an abort."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "CAPABOOST_FX_COLLECTIVE_TIMEOUT": "5"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "ddp_train.py"), "--out", str(tmp_path), "--engine",
+         "fsdp2-blocks", "--steps", "1", "--rank0-save"],
+        capture_output=True, text=True, timeout=300, env=env)
+    message = (tmp_path / "rank0_error.txt").read_text()
+    assert message.startswith("CollectiveError:"), (message, proc.stderr[-2000:])
+    assert "every rank must call it" in message and "is_main_process" in message
