@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--folded-from", choices=("deploy", "eager"), default="deploy",
                     help="dynamo-export the folded model from cbx.fold's deploy module (default) "
-                         "or from its eager copy with merged weights (deploy.base_model)")
+                         "or from its eager copy with merged weights (deploy.get_base_model())")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "deploy.json"))
     ap.add_argument("--multi-lora", action="store_true",

@@ -48,7 +48,7 @@ def _profile_fold(tm: Any) -> dict[str, Any]:
 
 
 def _one_size(st: Settings, size: Size, profile: bool, log=print) -> dict[str, Any]:
-    from capaboost_fx.passes.fold import merged_weights
+    from capaboost_fx.fold import merged_weights
 
     model = make_model(size)
     batch = make_batch(size, st.batch, st.seq)

@@ -125,7 +125,7 @@ def bench_generate(quick: bool, rounds: int) -> dict:
     view = tm.generation_model()
     own = {p.data_ptr() for p in tm.parameters()} | {b.data_ptr() for b in tm.buffers()}
     extra = nbytes(p for p in view.parameters() if p.data_ptr() not in own)
-    targeted = nbytes(tm.base_model.get_parameter(a.weight_fqn)
+    targeted = nbytes(tm.wrapped.get_parameter(a.weight_fqn)
                       for a in cbx.adapters(tm).values())
     model_bytes = nbytes(model.parameters())
     t0 = time.perf_counter()  # the cost of one merge (after an optimizer step)
