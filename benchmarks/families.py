@@ -242,9 +242,10 @@ UPSTREAM: dict[str, dict] = {
         "cause": "plain `torch.onnx.export` of the base LED fails the same way: torch.export "
                  "cannot trace LED's data-dependent code (`_chunk`'s view on a data-dependent "
                  "size; with `config.onnx_export=True`, `if is_global_attn:` on an `.item()`); "
-                 "the TorchScript exporter (`optimize=\"torchscript\"`, which needs no "
-                 "torch.export) writes a graph that fails verification at the example (max "
-                 "abs diff 1.4e-2, measured 2026-12-02), so no file is written",
+                 "the TorchScript exporter, which needs no torch.export and which `export_onnx` "
+                 "tries by itself, writes a graph that fails verification (max abs diff "
+                 "5.3e-4 at the example, 2026-12-06), so no file is written and the error "
+                 "points at `_chunk`'s line, not at another option",
         "links": ["https://github.com/huggingface/transformers/pull/33694",
                   "https://github.com/huggingface/transformers/pull/46169"],
     },
