@@ -68,8 +68,10 @@ def test_unfolded_export_shows_its_extra_cost(tmp_path) -> None:
     args, kwargs = case.inputs(*case.example)
     tm = cbx.transform(model, case.spec, args, kwargs).eval()
     with pytest.warns(UserWarning, match="export fold\\(train_model\\) to deploy"):
-        cbx.export_onnx(tm, tmp_path / "unfolded.onnx", args, kwargs)
-    cbx.export_onnx(cbx.fold(tm), tmp_path / "folded.onnx", args, kwargs)
+        cbx.export_onnx(tm, tmp_path / "unfolded.onnx", args, kwargs, optimize="none")
+    # The same exporter for both (the default writes TorchScript's graph of the fold, and the
+    # dynamo exporter's of a training module): the difference is the adapters' alone.
+    cbx.export_onnx(cbx.fold(tm), tmp_path / "folded.onnx", args, kwargs, optimize="none")
     cmp = cbx.compare_onnx(tmp_path / "folded.onnx", tmp_path / "unfolded.onnx", latency=False)
     assert not cmp.same_graph
     assert cmp.other.node_count > cmp.base.node_count
