@@ -27,6 +27,7 @@ weight is looked up at call time under ``wrapped.<fqn>``, so ``.to()``, DDP, FSD
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import types
@@ -138,6 +139,8 @@ class Executor:
         HF Trainer routes batch columns by it). The same function until that signature
         changes, so bound methods compare equal (accelerate unwraps its autocast wrapper by
         that equality)."""
+        if torch.compiler.is_compiling() and self._forward is not None:
+            return functools.partial(self._forward[1], module)  # what torch.compile traces
         sig = self.signature(module)
         if self._forward is None or self._forward[0] is not sig:
             self._forward = (sig, _forward_function(sig))

@@ -20,6 +20,7 @@ with the signature of the calls the executor runs (the HF Trainer routes batch c
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,14 @@ def constants_module(constants: dict[str, torch.Tensor]) -> nn.Module:
 
 
 class _Unpicklable:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # copy.deepcopy works (pickling does not): the state, the executor's own copy of its
+        # run-time state (a graph executor shares its meta twin and compiled graphs)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def __reduce_ex__(self, protocol: int) -> Any:
         raise CapaBoostError(
             f"{type(self).__name__} cannot be pickled (torch.save(module)): it runs compiled "
