@@ -116,11 +116,7 @@ def folded_model(base: nn.Module, example: dict[str, torch.Tensor]) -> tuple[nn.
         for adapter in cbx.adapters(tm).values():
             adapter.B.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.02)
     deploy = cbx.fold(tm)
-    eager = getattr(deploy, "base_model", None)
-    if eager is None:  # older cores: merge into a copy ourselves
-        eager = copy.deepcopy(base)
-        eager.load_state_dict(cbx.merged_state_dict(tm))
-    return deploy, eager.eval()
+    return deploy, deploy.get_base_model().eval()
 
 
 def torchscript_export(eager: nn.Module, path: str, example: dict[str, torch.Tensor]) -> None:

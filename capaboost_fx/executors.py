@@ -198,6 +198,11 @@ class Executor:
                            ) -> dict[str, Any] | None:
         return None
 
+    def runs_as(self, module: nn.Module) -> nn.Module:
+        """The module an exporter should trace for `module`: itself (its captured graphs), or
+        the eager model it runs."""
+        return module
+
     def prepare_export(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Make ``forward``'s signature the one of this call (exporters bind by it)."""
 
@@ -287,6 +292,9 @@ class EagerExecutor(Executor):
             add_fused_lm_head(module.wrapped, **(head or {}))
             self.fused_head_on = True
         return module.wrapped(*args, fused_lm_head=True, **kwargs)
+
+    def runs_as(self, module: nn.Module) -> nn.Module:
+        return module.wrapped
 
     def structure(self, module: nn.Module) -> nn.Module:
         if is_sharded(module.wrapped):

@@ -154,6 +154,11 @@ class _Module(_Unpicklable, nn.Module):
         captured graph (None on the eager path: the exporter decides)."""
         return self.executor.dynamic_shapes_for(self, tuple(args), dict(kwargs))
 
+    def runs_as(self) -> nn.Module:
+        """What an exporter should trace: this module (captured graphs) or, on the eager
+        path, the model it runs (your class)."""
+        return self.executor.runs_as(self)
+
     def expose_signature_for(self, args: tuple, kwargs: dict) -> None:
         """Make ``forward``'s visible signature the one of this call (what tools that bind
         arguments by signature, such as torch.export and the ONNX exporter, then see)."""

@@ -49,11 +49,9 @@ __all__ = ["eager_module", "folded_eager", "ort_transformers", "time_candidates"
 
 
 def folded_eager(module: FoldedModel) -> nn.Module:
-    """A folded module's eager model with merged weights: ``wrapped`` (your model's class),
-    or on cores before it, ``base_model`` (a Hugging Face model's own ``base_model`` is its
-    backbone, so ``wrapped`` is read first)."""
-    wrapped = module.__dict__.get("_modules", {}).get("wrapped")
-    return wrapped if wrapped is not None else module.base_model
+    """A folded module's eager model with merged weights: your model's class
+    (``get_base_model()``)."""
+    return module.get_base_model()
 
 
 def eager_module(module: nn.Module) -> nn.Module | None:

@@ -456,7 +456,7 @@ def export_multi_lora(module: Any, path: str | os.PathLike, example_inputs: Any 
                               multi_lora=True)
         rep.slots            # {"capaboost.<target>.lora_A": {"shape": [in, d·r], ...}, ...}
     """
-    from capaboost_fx.onnx.export import ExportOptions, export_onnx
+    from capaboost_fx.onnx.pipeline import ExportOptions, export_file
 
     opts = ExportOptions.of(options, option_fields)
     if not isinstance(module, CapaBoostModel):
@@ -483,7 +483,7 @@ def export_multi_lora(module: Any, path: str | os.PathLike, example_inputs: Any 
         staged = tmpdir / "graph.onnx"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*training module.*")
-            rep = export_onnx(serving, staged, example_inputs=args, example_kwargs=kwargs,
+            rep = export_file(serving, staged, example_inputs=args, example_kwargs=kwargs,
                               dynamic_shapes=dynamic_shapes,
                               options=_replace(opts, multi_lora=False))
         out = tmpdir / final.name
