@@ -1,6 +1,6 @@
-"""Export a (folded) model to an optimized ONNX file, verified before it lands on disk.
+"""The export pipeline behind `export_onnx`: an optimized ONNX file, verified before it lands.
 
-`export_onnx` is a short pipeline: run the example (`example_call`: the reference output,
+A short pipeline: run the example (`example_call`: the reference output,
 the dims that stay dynamic), **make** the candidate graphs its options ask for
 (`dynamo_candidates`: ``torch.export`` then ``torch.onnx.export``, fused for onnxruntime;
 `torchscript_candidates`: the TorchScript exporter, which needs no dynamo export), **check**
@@ -8,12 +8,6 @@ each (``onnx.checker``, onnxruntime against PyTorch at two shapes and two optimi
 levels: `verify_onnx`), **choose** the first that passed (or the fastest), and **commit** it
 onto `path` atomically (external weight data included). Options are one typed object,
 `ExportOptions`; a failure is a short `ExportError` (`failure.export_failure`).
-
-Example (``cbx`` is ``capaboost_fx``)::
-
-    rep = cbx.export_onnx(cbx.fold(train_model), "model.onnx", example_kwargs=batch)
-    rep.fusions          # {"attention": 6, "bias_gelu": 6, "skip_layer_normalization": 12, ...}
-    rep.input_shapes     # {"input_ids": ["batch", "sequence"], ...}
 """
 
 from __future__ import annotations
@@ -396,36 +390,8 @@ def export_file(
     options: ExportOptions | None = None,
     **option_fields: Any,
 ) -> ExportReport:
-    """Export `module` to an ONNX file at `path`, optimized, checked and verified before it lands.
-
-    Args:
-        module: the deploy module (`fold`'s result, or any ``torch.export(...).module()``), or any
-            eager ``nn.Module`` (run in eval mode for the export, its mode restored after).
-        path: the .onnx file to write. Written atomically: an existing file stays untouched if
-            anything fails, and no temporary files are left behind.
-        example_inputs: positional inputs, as the module's forward takes them.
-        example_kwargs: keyword inputs; tensor-free ones (``use_cache=False``) are fixed in
-            the graph, not inputs of the file.
-        dynamic_shapes: as for ``torch.export``. Default: what a captured graph leaves dynamic
-            (a capaboost_fx module's own graph, a ``torch.export`` module's placeholders), or
-            for an eager module ``Dim.AUTO`` on batch and sequence dims, torch.export keeping
-            static what the model fixes. The file names the dims ``batch`` (shared by all
-            inputs) and ``sequence``.
-        options: an `ExportOptions` (optimize, quantize, verify, tolerances, opset, names,
-            external data, providers, timing session).
-        **option_fields: any `ExportOptions` field by name, replacing that of `options`
-            (``optimize="none"``, ``quantize="int8"``, ``verify=False``, ...).
-
-    Returns:
-        An `ExportReport`: the file's inputs, outputs, nodes, fusions and sizes, and how well
-        onnxruntime matched PyTorch.
-
-    Example::
-
-        deploy = torch.export.export(model.eval(), (ids,), strict=False).module()
-        rep = export_file(deploy, "model.onnx", example_inputs=(ids,))
-        rep.max_abs_diff < 1e-4, rep.op_histogram, rep.fusions
-    """
+    """The pipeline behind `capaboost_fx.onnx.export.export_onnx` (same arguments, its
+    documentation): one deploy file, made, checked, chosen and committed."""
     opts = ExportOptions.of(options, option_fields)
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
