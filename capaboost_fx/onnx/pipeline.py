@@ -380,19 +380,12 @@ def _record_fixed_dims(path: Path, fixed: dict[str, dict[int, int]], message: st
     onnx.save(model, os.fspath(path))
 
 
-def export_file(
-    module: nn.Module,
-    path: str | os.PathLike,
-    example_inputs: Any = (),
-    example_kwargs: Any = None,
-    *,
-    dynamic_shapes: Any = None,
-    options: ExportOptions | None = None,
-    **option_fields: Any,
-) -> ExportReport:
-    """The pipeline behind `capaboost_fx.onnx.export.export_onnx` (same arguments, its
-    documentation): one deploy file, made, checked, chosen and committed."""
-    opts = ExportOptions.of(options, option_fields)
+def export_file(module: nn.Module, path: str | os.PathLike, example_inputs: Any,
+                example_kwargs: Any, *, dynamic_shapes: Any, options: ExportOptions
+                ) -> ExportReport:
+    """The pipeline behind `capaboost_fx.onnx.export.export_onnx` (its arguments, the options
+    resolved): one deploy file, made, checked, chosen and committed."""
+    opts = options
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, FoldedModel):
