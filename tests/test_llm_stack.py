@@ -344,3 +344,12 @@ def test_checkpoint_is_as_small_as_peft_lora(tok, tmp_path) -> None:
     print(f"\ncheckpoint bytes: capaboost_fx {ours.stat().st_size}, PEFT "
           f"{theirs.stat().st_size} ({ratio:.3f}x)")
     assert ratio <= 1.10
+
+
+def test_a_batch_of_one_example_is_said_once_in_our_words(model_dir, tok, caplog) -> None:
+    batch = tok(TEXTS[:1], return_tensors="pt")
+    with pytest.warns(cbx.CapaBoostWarning, match=r"input_ids.shape\[0\] == 1.*batch >= 2"):
+        cbx.transform(_load(model_dir), SPEC, example_kwargs={**batch, "labels":
+                                                               batch["input_ids"]},
+                      capture="graph")
+    assert not [r for r in caplog.records if r.name.startswith("torch._export")]

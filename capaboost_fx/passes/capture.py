@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import re
 import time
 import warnings
@@ -84,6 +85,19 @@ def _deepcopy(model: nn.Module, memo: dict[int, Any], what: str) -> nn.Module:
             f"could not build the {what} of the model ({type(e).__name__}: {e}); capaboost_fx "
             "never changes the caller's model, so it needs copy.deepcopy(model) to work."
         ) from e
+
+
+@contextlib.contextmanager
+def export_logs_off() -> Iterator[None]:
+    """torch.export's own log lines about dims it specialized: capture says the same in a
+    `CapaBoostWarning` with what to do, so they would only repeat it."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -295,7 +309,7 @@ def export_graph(
     t0 = time.perf_counter()
     try:
         with (recorder.active(), hf_checkpointing_off(twin), bind_static(twin, bound),
-              cache_off(twin)):
+              cache_off(twin), export_logs_off()):
             ep = torch.export.export(twin, tuple(_to_fake(args, mode, device)),
                                      dict(_to_fake(dict(kwargs), mode, device)),
                                      dynamic_shapes=dynamic_shapes, strict=False)
