@@ -35,7 +35,7 @@ from .errors import (
     CollectiveError,
     FileWriteError,
 )
-from .structure import weight_shape
+from .structure import is_quantized, weight_shape
 
 FORMAT = "capaboost_fx.adapter"
 FORMAT_VERSION = 1
@@ -101,8 +101,10 @@ def _sample_digest(sample: torch.Tensor, dtype: torch.dtype) -> str:
 
 def weight_digests(w: torch.Tensor) -> dict[str, str] | None:
     """``{"dtype": w's dtype, "float32"|"bfloat16"|"float16": digest}``: a cheap fingerprint of
-    a base weight's values (a strided sample, rounded to each precision, in float32)."""
-    sample = _sample(w)
+    a base weight's values (a strided sample, rounded to each precision, in float32). None for
+    a quantized weight: its stored bytes are not its values, and the same base loaded in float
+    or quantized must match."""
+    sample = None if is_quantized(w) else _sample(w)
     if sample is None:
         return None
     out = {"dtype": str(w.dtype).removeprefix("torch.")}
@@ -113,8 +115,9 @@ def weight_digests(w: torch.Tensor) -> dict[str, str] | None:
 
 def _weight_matches(saved: Mapping[str, Any], w: torch.Tensor) -> bool | None:
     """Whether `w` has the values `saved` (from `weight_digests`) was taken from; None when
-    it cannot tell. Compares at the coarser of the saved and the current precision."""
-    sample = _sample(w)
+    it cannot tell (a quantized weight). Compares at the coarser of the saved and the current
+    precision."""
+    sample = None if is_quantized(w) else _sample(w)
     if sample is None or not isinstance(saved, Mapping):
         return None
     now = str(w.dtype).removeprefix("torch.")
@@ -218,9 +221,11 @@ def check_state_header(own: Mapping[str, Any], saved: Mapping[str, Any], wrapped
              if own["targets"].get(n, {}).get("weight")
              and _weight_matches(d, wrapped.get_parameter(own["targets"][n]["weight"])) is False]
     if other:
+        shown = f"{other[:3]}" + (f" and {len(other) - 3} more" if len(other) > 3 else "")
         raise AdapterFileError(
-            f"this checkpoint was trained on other base weights (targets {other[:3]} differ "
-            "from the ones saved with it); load it onto the model it was trained on.")
+            f"this checkpoint was trained on other base weights: the weights of {len(other)} "
+            f"targets ({shown}) hold other values than the ones it was trained on; load it "
+            "onto the base checkpoint it was trained on.")
     masks = [n for n, d in saved.get("masks_sha256", {}).items()
              if own["masks_sha256"].get(n) != d]
     if masks:

@@ -112,8 +112,9 @@ class TrainingFace(ModelFace):
     # ------------------------------------------------------------------ PEFT's habits
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        """PEFT's name for the fold: your model with merged weights (`capaboost_fx.fold`)."""
-        return self.fold(*args, **kwargs)  # type: ignore[attr-defined]
+        """As PEFT's: your model's class with the merged weights (the eager model inside
+        `capaboost_fx.fold`'s deploy module; `fold` itself also keeps the captured graph)."""
+        return self.fold(*args, **kwargs).get_base_model()  # type: ignore[attr-defined]
 
     def enable_adapter_layers(self) -> None:
         """Adapters on (PEFT's name)."""

@@ -97,12 +97,14 @@ def _refuse_directory(path: Path) -> None:
     found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
     hint = (f" It holds {found}; pass one of them." if found else "")
     if (path / "adapter_config.json").exists():
-        hint += (" (adapter_config.json + adapter_model.safetensors is a PEFT LoRA export "
-                 "from to_peft_lora: load that with peft, not load_adapter.)")
+        hint = (" It holds a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors: "
+                "a PEFT checkpoint, or to_peft_lora's export): load that with peft's "
+                "PeftModel.from_pretrained, not load_adapter.")
     raise AdapterFileNotFoundError(
-        f"adapter path {str(path)!r} is a directory; load_adapter needs the single "
-        f".safetensors file written by capaboost_fx.save_adapter, or a directory written by "
-        f"train_model.save_pretrained (holding {ADAPTER_FILE}).{hint}")
+        f"adapter path {str(path)!r} is a directory that holds no capaboost_fx adapter; "
+        "load_adapter takes the .safetensors file save_adapter wrote, a directory "
+        f"train_model.save_pretrained wrote (holding {ADAPTER_FILE}), or a Trainer checkpoint "
+        f"of a training module (holding model.safetensors with its header).{hint}")
 
 
 def _check_header_digest(header: dict[str, Any], path: Path) -> None:

@@ -188,7 +188,7 @@ def test_directory_path_says_it_is_a_directory(trained, tmp_path) -> None:
     model, example, tm = trained
     cbx.save_adapter(tm, tmp_path / "a.safetensors")
     with pytest.raises(cbx.AdapterFileNotFoundError,
-                       match=r"is a directory; .*\.safetensors file.*\['a.safetensors'\]"):
+                       match=r"is a directory that holds no capaboost_fx adapter.*\.safetensors file.*\[.a\.safetensors.\]"):
         cbx.load_adapter(model, tmp_path, *example)
 
 

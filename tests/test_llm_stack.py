@@ -211,7 +211,7 @@ def test_peft_methods(capture, model_dir, tok, capsys) -> None:
         tm.enable_adapter_layers()
         torch.testing.assert_close(tm(**ids).logits, adapted)
         merged = tm.merge_and_unload()
-        assert isinstance(merged, cbx.FoldedModel)
+        assert type(merged) is type(model)  # your class, as PEFT's merge_and_unload returns
         torch.testing.assert_close(merged(**ids).logits, adapted, rtol=1e-4, atol=1e-4)
     assert tm.get_base_model() is tm.wrapped and type(tm.get_base_model()) is type(model)
     trainable, total = tm.get_nb_trainable_parameters()
@@ -271,6 +271,11 @@ def test_quantized_from_pretrained_trains_with_the_trainer(kind, model_dir, tok,
     # the adapters only: no quantization state (absmax, quant_map, SCB) of frozen weights
     assert keys == sorted(["capaboost_header"] + [
         f"wrapped.{p}.{w}" for p in tm.adapter_paths.values() for w in ("A", "B")]), keys
+    # the checkpoint loads onto the same base in float (quantized weights are not compared)
+    back = cbx.load_adapter(_load(model_dir), tmp_path / "checkpoint-2",
+                            example_kwargs=_example(tok))
+    for n, a in cbx.adapters(tm).items():
+        assert torch.equal(a.B, cbx.adapters(back)[n].B)
 
 
 # --------------------------------------------------------------------------- checkpoints
