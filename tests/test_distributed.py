@@ -124,6 +124,9 @@ def test_decoders_under_per_block_fsdp2_save_and_fold(family, engine, capture,
     assert trained.keys() == reference.keys() and trained
     for name, ref in reference.items():
         torch.testing.assert_close(trained[name], ref, rtol=1e-9, atol=1e-11)
+    # the file saved from the sharded run carries the base fingerprint taken at transform
+    header = cbx.read_header(tmp_path / "adapter")
+    assert header["base_weights"] and set(header["base_weights"]) == set(header["targets"])
     back = cbx.load_adapter(ddp_train.build_model(2, family), tmp_path / "adapter",
                             example_kwargs=ddp_train.example_inputs(family))
     merged = load_file(tmp_path / "merged_targets.safetensors")
