@@ -40,7 +40,7 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import fx, nn
 
 from .adapter import CapaBoostAdapter, DenseAdapter
-from .errors import CapaBoostError, CaptureError, FoldError, InputError
+from .errors import CapaBoostError, CapaBoostWarning, CaptureError, FoldError, InputError
 from .merge import foldable, merged_weights, refuse_nonlinear, structure_copy
 from .passes.capture import BASE, CONSTANTS, Captured, capture_graph, replace_tensor, to_meta
 from .passes.diagnose import (
@@ -459,10 +459,10 @@ class GraphExecutor(Executor):
         if new_shape and not self.warned_shapes:
             self.warned_shapes = True
             fixed = sorted({k for v in same for k in v.fixed_names()})
-            warnings.warn(
+            warnings.warn(CapaBoostWarning(
                 f"the model's code fixed {fixed} to the captured size; this call has another "
                 "size there, so a graph was captured for it (seconds, once per size, at most "
-                f"{self.MAX_SHAPES}; listed in capture_info.later_captures).", stacklevel=5)
+                f"{self.MAX_SHAPES}; listed in capture_info.later_captures)."), stacklevel=5)
         return variant
 
     def _refusal(self, module: nn.Module, e: CapaBoostError, args: tuple, kwargs: dict,

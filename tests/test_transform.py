@@ -243,7 +243,7 @@ def test_a_dim_the_model_fixes_gets_a_graph_per_size() -> None:
             a.B.normal_()
     tm.eval()
     x = torch.randn(4, 9, 8)
-    with pytest.warns(UserWarning, match="captured for it"):
+    with pytest.warns(cbx.CapaBoostWarning, match="captured for it"):
         y = tm(x)
     ref = model(x) + 0  # the eager model plus the adapter, computed independently
     a = cbx.adapters(tm)["fc"]

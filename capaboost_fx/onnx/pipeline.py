@@ -394,7 +394,7 @@ def export_file(module: nn.Module, path: str | os.PathLike, example_inputs: Any,
         warnings.warn(
             "export_onnx got a training module: its masked adapter subgraphs are exported as "
             "they are (extra nodes, bytes and latency); export fold(train_model) to deploy the "
-            "original architecture with merged weights", UserWarning, stacklevel=2)
+            "original architecture with merged weights", CapaBoostWarning, stacklevel=2)
     final = Path(os.fspath(path)).absolute()
     tmpdir = _make_tempdir(final)
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from capaboost_fx.errors import CapaBoostWarning
 from capaboost_fx.passes.capture import (  # noqa: F401  (one input rule)
     as_args,
     bind_inputs,
@@ -126,10 +127,10 @@ def choose_dynamic_shapes(
         if dims is not None:
             if any(v is not None for v in pytree.tree_leaves(dims, is_leaf=_is_dims)):
                 return dims, "from the captured graph"
-            warnings.warn(
+            warnings.warn(CapaBoostWarning(
                 f"{type(module).__name__} runs only at the example's input shapes (a "
                 "torch.export capture without dynamic_shapes); exporting a static ONNX graph. "
-                "Capture it with dynamic batch/sequence dims, or pass dynamic_shapes.",
+                "Capture it with dynamic batch/sequence dims, or pass dynamic_shapes."),
                 stacklevel=4,
             )
             return None, "static (the captured graph has no dynamic dims)"

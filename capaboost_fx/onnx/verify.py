@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from capaboost_fx.errors import InputError, VerificationError
+from capaboost_fx.errors import CapaBoostWarning, InputError, VerificationError
 from capaboost_fx.onnx.runtime import open_session
 from capaboost_fx.onnx.shapes import as_args, eval_mode, flat_outputs, flat_tensors, second_inputs
 from capaboost_fx.onnx.stats import onnx_stats
@@ -150,7 +150,8 @@ def _cases(path: Any, module: nn.Module, args: tuple, kwargs: dict, second_shape
             add(*resized, reference)
             break
     if len(cases) == 1 and resized is not None:
-        warnings.warn(f"{path}: verified at the example's shape only; {notes[-1]}", stacklevel=3)
+        warnings.warn(CapaBoostWarning(f"{path}: verified at the example's shape only; "
+                                       f"{notes[-1]}"), stacklevel=3)
     return cases
 
 
