@@ -358,3 +358,25 @@ def test_a_batch_of_one_example_is_said_once_in_our_words(model_dir, tok, caplog
                                                                batch["input_ids"]},
                       capture="graph")
     assert not [r for r in caplog.records if r.name.startswith("torch._export")]
+
+
+@pytest.mark.parametrize("capture", PATHS)
+def test_hf_trainer_with_bf16_and_gradient_checkpointing(capture, model_dir, tok,
+                                                         tmp_path) -> None:
+    """The HF Trainer's own switches (bf16=True, gradient_checkpointing=True), as TRL sets
+    them: it trains, checkpointing per block is on, and the base is untouched."""
+    model = _load(model_dir)
+    before = _snapshot(model)
+    tm = cbx.transform(model, SPEC, example_kwargs=_example(tok), capture=capture)
+    b0 = {n: a.B.detach().clone() for n, a in cbx.adapters(tm).items()}
+    data = datasets.Dataset.from_dict({k: v for k, v in _example(tok).items()})
+    trainer = transformers.Trainer(model=tm, train_dataset=data, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, per_device_train_batch_size=2,
+        bf16=True, gradient_checkpointing=True, report_to="none", use_cpu=True,
+        save_strategy="no", logging_steps=1))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert tm.is_gradient_checkpointing and tm.capture_info.checkpointed
+    assert any(not torch.equal(b0[n], a.B) for n, a in cbx.adapters(tm).items())
+    assert _unchanged(model, before)
